@@ -1,0 +1,137 @@
+"""
+The split attention over a packed row (see `layout.py` for the row and the mask it implements).
+
+For each group, two calls of the model's own attention function (`sdpa` or `eager`) on slices of the row:
+
+1. prefix queries x prefix keys, causal: the prompt is encoded once::
+
+       q = k = v = row[start : start + prefix_len]        is_causal (sdpa) / a (prefix_len x prefix_len) mask (eager)
+
+2. all suffix queries of the group x the whole group segment, with a mask that opens the prefix and each suffix's
+   own causal block::
+
+       q = row[start + prefix_len : end]                  (S = sum of the group's suffix lengths)
+       k = v = row[start : end]                           (prefix_len + S keys)
+       mask (S, prefix_len + S):  [ 1 1 1 1 | 1 . . . . ]   suffix a, token 0
+                                  [ 1 1 1 1 | 1 1 . . . ]   suffix a, token 1
+                                  [ 1 1 1 1 | . . 1 . . ]   suffix b, token 0
+                                  [ 1 1 1 1 | . . 1 1 . ]   ...
+
+No mask over the whole packed row is ever built: the largest is `S x (prefix_len + S)` per group, shared by all
+layers. Calling the model's own function on each block keeps its scaling, GQA handling, softcapping (eager) and
+dtype rules, so the result equals the repeated forward up to floating-point rounding.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .layout import GroupLayout
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def suffix_block_mask(prefix_len: int, suffix_lens: list[int], device: torch.device) -> torch.Tensor:
+    """
+    Boolean mask `(1, 1, S, prefix_len + S)`, True where a suffix query may attend (see the module docstring).
+
+    Example, prefix_len=2, suffix_lens=[2, 1]::
+
+        [[1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 0],
+         [1, 1, 0, 0, 1]]
+    """
+    total = sum(suffix_lens)
+    lens = torch.tensor(suffix_lens, device=device)
+    suffix_id = torch.repeat_interleave(torch.arange(len(suffix_lens), device=device), lens)
+    offset = torch.arange(total, device=device) - (torch.cumsum(lens, 0) - lens)[suffix_id]
+    own = (suffix_id[:, None] == suffix_id[None, :]) & (offset[None, :] <= offset[:, None])
+    prefix = torch.ones(total, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, own], dim=1).view(1, 1, total, prefix_len + total)
+
+
+def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril().view(1, 1, length, length)
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _cached_masks(layout: GroupLayout, device: torch.device, additive_dtype: torch.dtype | None) -> list:
+    """Per group `(prefix_mask or None, suffix_mask)`, built once per layout and shared by every layer."""
+    key = (str(device), additive_dtype)
+    masks = layout._mask_cache.get(key)
+    if masks is None:
+        masks = []
+        for _, prefix_len, suffix_lens in layout.group_segments():
+            prefix_mask = _causal_mask(prefix_len, device) if additive_dtype is not None and prefix_len > 1 else None
+            suffix_mask = suffix_block_mask(prefix_len, suffix_lens, device)
+            if additive_dtype is not None:
+                prefix_mask = None if prefix_mask is None else _as_additive(prefix_mask, additive_dtype)
+                suffix_mask = _as_additive(suffix_mask, additive_dtype)
+            masks.append((prefix_mask, suffix_mask))
+        layout._mask_cache[key] = masks
+    return masks
+
+
+def split_attention(
+    base_attention: AttentionFn,
+    needs_explicit_causal_mask: bool,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: GroupLayout,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """
+    Shared-prefix attention over a packed row, by blocks of the model's own attention function.
+
+    Args:
+        base_attention: the model's attention function, `(module, q, k, v, mask, **kwargs) -> ((1, t, H, D), w)`.
+        needs_explicit_causal_mask: True for `eager`, which applies no causal mask of its own; its masks are
+            additive floats of the query dtype. False for `sdpa`, which takes boolean masks and `is_causal`.
+        query (`(1, H, T, D)`), key and value (`(1, H_kv, T, D)`): the packed row after rotary embedding.
+        layout: the [`GroupLayout`] of the row.
+        kwargs: forwarded to `base_attention` (dropout, scaling, softcap, ...).
+
+    Returns:
+        `((1, T, H, D), None)`, as transformers' attention functions return.
+    """
+    if query.size(0) != 1 or query.size(2) != layout.packed_tokens:
+        raise ValueError(
+            f"Prefix-grouped attention got queries of shape {tuple(query.shape)} for a packed row of "
+            f"{layout.packed_tokens} tokens; the layout does not belong to this forward."
+        )
+    layout.attention_calls += 1
+    additive_dtype = query.dtype if needs_explicit_causal_mask else None
+    masks = _cached_masks(layout, query.device, additive_dtype)
+    kwargs.pop("is_causal", None)
+
+    pieces = []
+    for (start, prefix_len, suffix_lens), (prefix_mask, suffix_mask) in zip(layout.group_segments(), masks):
+        prefix_end = start + prefix_len
+        group_end = prefix_end + sum(suffix_lens)
+        if prefix_len > 0:
+            prefix_out, _ = base_attention(
+                module,
+                query[:, :, start:prefix_end],
+                key[:, :, start:prefix_end],
+                value[:, :, start:prefix_end],
+                prefix_mask,
+                is_causal=True,
+                **kwargs,
+            )
+            pieces.append(prefix_out)
+        suffix_out, _ = base_attention(
+            module,
+            query[:, :, prefix_end:group_end],
+            key[:, :, start:group_end],
+            value[:, :, start:group_end],
+            suffix_mask,
+            is_causal=False,
+            **kwargs,
+        )
+        pieces.append(suffix_out)
+    return torch.cat(pieces, dim=1), None

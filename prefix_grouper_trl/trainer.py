@@ -1,0 +1,222 @@
+"""`PrefixGroupedGRPOTrainer`: TRL's `GRPOTrainer` with each group's prompt forwarded once."""
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import trl.trainer.grpo_trainer as trl_grpo_module
+from trl import GRPOTrainer
+
+from .integration import LAYOUT_KWARG, enable_prefix_grouping, grouped_forward
+from .layout import GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
+
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def shuffle_groups_sequence_dict(seq_dict: dict[str, Sequence | None]) -> dict[str, Sequence | None]:
+    """
+    Shuffle a generation batch by whole prompt groups, drawing the random stream exactly as TRL's
+    `shuffle_sequence_dict` does (one `torch.randperm(batch_size)`), so a seeded run samples the same completions.
+
+    The row permutation TRL would use decides the order: groups come in the order their first row appears in it, and
+    the rows of a group keep the order they have in it. Every group order stays equally likely, and rows of one
+    prompt end up next to each other, so TRL's split into micro-batches cuts as few groups as possible.
+    """
+    batch_size = len(next(v for v in seq_dict.values() if v is not None))
+    permutation = torch.randperm(batch_size)
+    prompt_ids, prompt_mask = seq_dict.get("prompt_ids"), seq_dict.get("prompt_mask")
+    if isinstance(prompt_ids, torch.Tensor) and isinstance(prompt_mask, torch.Tensor):
+        group_of_row = find_prompt_groups(prompt_ids.cpu(), prompt_mask.cpu())
+        group_at = group_of_row[permutation]
+        first_position = torch.full((batch_size,), batch_size, dtype=torch.long)
+        first_position = first_position.scatter_reduce(0, group_at, torch.arange(batch_size), reduce="amin")
+        sort_key = first_position[group_at] * batch_size + torch.arange(batch_size)
+        permutation = permutation[torch.argsort(sort_key)]
+
+    def permute(value: Sequence | None) -> Sequence | None:
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[permutation.to(value.device)]
+        return [value[i] for i in permutation]
+
+    return {key: permute(value) for key, value in seq_dict.items()}
+
+
+@contextlib.contextmanager
+def _group_shuffle_in_trl():
+    # TRL's `_prepare_inputs` calls its module-level `shuffle_sequence_dict`; swapping it for the duration of our call
+    # changes only this trainer's shuffle and keeps the rest of `_prepare_inputs` TRL's own.
+    original = trl_grpo_module.shuffle_sequence_dict
+    trl_grpo_module.shuffle_sequence_dict = shuffle_groups_sequence_dict
+    try:
+        yield
+    finally:
+        trl_grpo_module.shuffle_sequence_dict = original
+
+
+def _expected_attention_layers(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return sum("attention" in str(layer_type) for layer_type in layer_types)
+    return getattr(config, "num_hidden_layers", None)
+
+
+class PrefixGroupedGRPOTrainer(GRPOTrainer):
+    """
+    Drop-in replacement for TRL's `GRPOTrainer` that forwards each group's shared prompt once.
+
+    Same constructor as `GRPOTrainer`. With a [`PrefixGroupedGRPOConfig`] whose `prefix_grouping` is False it is
+    exactly `GRPOTrainer`; with a plain `GRPOConfig`, grouping is on. Policy, old-policy and reference log-probs and
+    the entropies go through the shared-prefix forward (see `layout.py` and `attention.py`); generation, rewards,
+    advantages, the loss, PEFT and DeepSpeed are TRL's.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix_grouping = getattr(self.args, "prefix_grouping", True)
+        self.prefix_grouping_shuffle_groups = self.prefix_grouping and getattr(
+            self.args, "prefix_grouping_shuffle_groups", True
+        )
+        self._warned_multimodal_fallback = False
+        if self.prefix_grouping:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    enable_prefix_grouping(self._transformers_model(model))
+
+    def _transformers_model(self, model):
+        """The `PreTrainedModel` inside PEFT / DeepSpeed / DDP wrappers."""
+        model = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        model = getattr(model, "module", model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
+        if not (self.prefix_grouping_shuffle_groups and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        with _group_shuffle_in_trl():
+            return super()._prepare_inputs(generation_batch)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """
+        Per-token log-probs `(B, K)`, entropies `(B, K)` or None, and the MoE aux loss or None, as TRL's method returns
+        them, computed on packed rows. Where TRL chunks `batch_size` rows, we chunk whole groups into packed rows of at
+        most `batch_size * L` tokens, so no chunk is larger than one of TRL's.
+        """
+        parent_call = lambda: super(PrefixGroupedGRPOTrainer, self)._get_per_token_logps_and_entropies(  # noqa: E731
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=batch_size,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            **multimodal_inputs,
+        )
+        if not self.prefix_grouping:
+            return parent_call()
+        if any(multimodal_inputs.get(key) is not None for key in _MULTIMODAL_KEYS):
+            if not self._warned_multimodal_fallback:
+                warnings.warn(
+                    "PrefixGroupedGRPOTrainer: this batch has multimodal inputs, which prefix grouping does not "
+                    "support yet; computing it with GRPOTrainer's repeated forward (same result, no sharing).",
+                    stacklevel=2,
+                )
+                self._warned_multimodal_fallback = True
+            return parent_call()
+
+        num_rows, width = input_ids.shape
+        if batch_size is None or batch_size >= num_rows:
+            row_chunks = [None]
+        else:
+            row_chunks = plan_row_chunks(input_ids, attention_mask, logits_to_keep, token_budget=batch_size * width)
+
+        logps_parts, entropy_parts, aux_losses, layouts = [], [], [], []
+        for rows in row_chunks:
+            chunk_ids = input_ids if rows is None else input_ids[rows]
+            chunk_mask = attention_mask if rows is None else attention_mask[rows]
+            layout = build_group_layout(chunk_ids, chunk_mask, logits_to_keep)
+            if layout is None:
+                # Nothing to score in this chunk (every completion empty): TRL's forward returns zeros that stay
+                # connected to the model, which the loss needs to backpropagate.
+                logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                    model, chunk_ids, chunk_mask, logits_to_keep, None, compute_entropy, compute_aux_loss
+                )
+            else:
+                logps, entropies, aux_loss = self._grouped_forward(model, layout, compute_entropy, compute_aux_loss)
+                layouts.append(layout)
+            logps_parts.append(logps)
+            entropy_parts.append(entropies)
+            aux_losses.append(aux_loss)
+
+        logps = torch.cat(logps_parts, dim=0)
+        entropies = torch.cat(entropy_parts, dim=0) if compute_entropy else None
+        if row_chunks[0] is not None:
+            inverse = torch.argsort(torch.cat(row_chunks))
+            logps = logps[inverse]
+            entropies = entropies[inverse] if compute_entropy else None
+        aux_loss = torch.stack(aux_losses).mean() if compute_aux_loss else None
+
+        # Only the policy forward of the loss asks for entropies; log sharing once per micro-batch from there.
+        if compute_entropy and layouts:
+            self._log_sharing(layouts)
+        return logps, entropies, aux_loss
+
+    def _grouped_forward(self, model, layout: GroupLayout, compute_entropy: bool, compute_aux_loss: bool):
+        model_inputs = {
+            "input_ids": layout.input_ids,
+            "position_ids": layout.position_ids,
+            "shift_labels": layout.shift_labels,
+            LAYOUT_KWARG: layout,
+        }
+        if compute_aux_loss:
+            model_inputs["output_router_logits"] = True
+        with grouped_forward(), self.accelerator.autocast():
+            outputs = model(**model_inputs, fused_lm_head=True)
+        self._check_layout_consumed(model, layout)
+        logps = layout.scatter_to_rows(outputs.log_probs)
+        entropies = layout.scatter_to_rows(outputs.entropy) if compute_entropy else None
+        return logps, entropies, outputs.aux_loss if compute_aux_loss else None
+
+    def _check_layout_consumed(self, model, layout: GroupLayout) -> None:
+        inner = self._transformers_model(model)
+        expected = _expected_attention_layers(inner)
+        if layout.attention_calls == 0 or (expected is not None and layout.attention_calls < expected):
+            raise RuntimeError(
+                f"{type(inner).__name__}: the prefix-grouped layout reached {layout.attention_calls} attention "
+                f"layer(s) of {expected}. Its modeling code does not pass `**kwargs` down to transformers' attention "
+                "interface, so the packed row would be computed without the split attention and give wrong "
+                "log-probs. Set prefix_grouping=False for this model."
+            )
+
+    def _log_sharing(self, layouts: list[GroupLayout]) -> None:
+        mode = "train" if self.model.training else "eval"
+        repeated = sum(layout.repeated_tokens for layout in layouts)
+        packed = sum(layout.packed_tokens for layout in layouts)
+        grouped_rows = sum(layout.num_grouped_rows for layout in layouts)
+        groups = sum(layout.num_groups for layout in layouts)
+        self._metrics[mode]["prefix_grouper/tokens_saved_frac"].append(1.0 - packed / max(repeated, 1))
+        self._metrics[mode]["prefix_grouper/mean_group_size"].append(grouped_rows / max(groups, 1))

@@ -1,0 +1,140 @@
+"""Tiny models, an offline tokenizer and batch builders shared by the tests (no hub access anywhere)."""
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.models.gemma.configuration_gemma import GemmaConfig
+from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
+from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.mistral.configuration_mistral import MistralConfig
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
+
+VOCAB_SIZE = 64
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=8),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=8, sliding_window=512, attn_logit_softcapping=50.0),
+    "gemma3": lambda: Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=512),
+}
+ARCHITECTURES = ["qwen2", "qwen3", "llama", "mistral", "gemma"]
+
+
+def tiny_model(arch: str = "qwen2", attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `t0 .. t63`, built in-process."""
+    vocab = {f"t{i}": i for i in range(VOCAB_SIZE)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3", padding_side="left"
+    )
+
+
+def prompt_dataset(num_prompts: int = 4, min_len: int = 5, max_len: int = 12, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        tokens = torch.randint(4, VOCAB_SIZE, (length,), generator=generator).tolist()
+        prompts.append(" ".join(f"t{t}" for t in tokens))
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def token_count_reward(completions, **kwargs):
+    """Deterministic reward: fraction of even token ids in the completion (any text works)."""
+    rewards = []
+    for completion in completions:
+        words = completion.split()
+        rewards.append(sum(int(w[1:]) % 2 == 0 for w in words if w[1:].isdigit()) / max(len(words), 1))
+    return rewards
+
+
+def make_batch(prompt_lens, completion_lens, group_of_row=None, width_prompt=None, width_completion=None, seed=0):
+    """
+    A TRL-style micro-batch: rows with `prompt_lens[i]` real prompt tokens (left-padded) and `completion_lens[i]`
+    completion tokens (right-padded). Rows with the same `group_of_row` share the same prompt tokens.
+
+    Returns `input_ids (B, L)`, `attention_mask (B, L)`, `logits_to_keep`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    group_of_row = list(range(len(prompt_lens))) if group_of_row is None else group_of_row
+    width_prompt = width_prompt or max(prompt_lens)
+    width_completion = width_completion or max(max(completion_lens), 1)
+    prompts = {}
+    rows, masks = [], []
+    for prompt_len, completion_len, group in zip(prompt_lens, completion_lens, group_of_row):
+        if group not in prompts:
+            prompts[group] = torch.randint(4, VOCAB_SIZE, (prompt_len,), generator=generator)
+        prompt = prompts[group]
+        assert prompt.numel() == prompt_len, "rows of one group need the same prompt length"
+        completion = torch.randint(4, VOCAB_SIZE, (completion_len,), generator=generator)
+        pad_left = width_prompt - prompt_len
+        pad_right = width_completion - completion_len
+        rows.append(torch.cat([torch.zeros(pad_left, dtype=torch.long), prompt, completion,
+                               torch.zeros(pad_right, dtype=torch.long)]))
+        masks.append(torch.cat([torch.zeros(pad_left), torch.ones(prompt_len + completion_len),
+                                torch.zeros(pad_right)]).long())
+    return torch.stack(rows), torch.stack(masks), width_completion
+
+
+def grpo_args(output_dir, **overrides):
+    """GRPOConfig for CPU tests: fp32 (TRL defaults to bf16 autocast), no reporting, tiny generation."""
+    from prefix_grouper_trl import PrefixGroupedGRPOConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+    )
+    values.update(overrides)
+    return PrefixGroupedGRPOConfig(**values)
+
+
+def assert_close_verbose(name, actual, expected, atol=0.0, rtol=0.0):
+    """Assert |actual - expected| <= atol + rtol * |expected|, naming the tensor and its worst index."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    excess = (actual - expected).abs() - (atol + rtol * expected.abs())
+    if excess.numel() and excess.max() > 0:
+        worst = torch.unravel_index(excess.argmax(), excess.shape)
+        worst = tuple(int(i) for i in worst)
+        raise AssertionError(
+            f"{name}: worst at {worst}: got {actual[worst].item():.8g}, expected {expected[worst].item():.8g} "
+            f"(|diff|={abs(actual[worst] - expected[worst]).item():.3g}, atol={atol}, rtol={rtol})"
+        )
+
+
+def max_relative_diff(actual, expected):
+    """max |a - e| / max |e|: the gradient criterion of the equivalence tests."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
