@@ -101,9 +101,11 @@ def make_batch(prompt_lens, completion_lens, group_of_row=None, width_prompt=Non
     return torch.stack(rows), torch.stack(masks), width_completion
 
 
-def grpo_args(output_dir, **overrides):
+def grpo_args(output_dir, config_cls=None, **overrides):
     """GRPOConfig for CPU tests: fp32 (TRL defaults to bf16 autocast), no reporting, tiny generation."""
     from prefix_grouper_trl import PrefixGroupedGRPOConfig
+
+    config_cls = config_cls or PrefixGroupedGRPOConfig
 
     values = dict(
         output_dir=str(output_dir),
@@ -118,7 +120,7 @@ def grpo_args(output_dir, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return PrefixGroupedGRPOConfig(**values)
+    return config_cls(**values)
 
 
 def assert_close_verbose(name, actual, expected, atol=0.0, rtol=0.0):
