@@ -109,29 +109,26 @@ def split_attention(
     masks = _cached_masks(layout, query.device, additive_dtype)
     kwargs.pop("is_causal", None)
 
+    # Split once per group and once per prefix/suffix: the backward of a split is a concatenation, while the backward
+    # of each slice would allocate a zero gradient the size of the whole row (quadratic in the number of groups).
+    segments = list(layout.group_segments())
+    group_sizes = [prefix_len + sum(suffix_lens) for _, prefix_len, suffix_lens in segments]
+    groups = zip(query.split(group_sizes, 2), key.split(group_sizes, 2), value.split(group_sizes, 2))
     pieces = []
-    for (start, prefix_len, suffix_lens), (prefix_mask, suffix_mask) in zip(layout.group_segments(), masks):
-        prefix_end = start + prefix_len
-        group_end = prefix_end + sum(suffix_lens)
+    for (group_query, group_key, group_value), (_, prefix_len, suffix_lens), (prefix_mask, suffix_mask) in zip(
+        groups, segments, masks
+    ):
+        suffix_query = group_query
         if prefix_len > 0:
+            sizes = [prefix_len, group_query.size(2) - prefix_len]
+            prefix_query, suffix_query = group_query.split(sizes, 2)
+            prefix_key, prefix_value = group_key.split(sizes, 2)[0], group_value.split(sizes, 2)[0]
             prefix_out, _ = base_attention(
-                module,
-                query[:, :, start:prefix_end],
-                key[:, :, start:prefix_end],
-                value[:, :, start:prefix_end],
-                prefix_mask,
-                is_causal=True,
-                **kwargs,
+                module, prefix_query, prefix_key, prefix_value, prefix_mask, is_causal=True, **kwargs
             )
             pieces.append(prefix_out)
         suffix_out, _ = base_attention(
-            module,
-            query[:, :, prefix_end:group_end],
-            key[:, :, start:group_end],
-            value[:, :, start:group_end],
-            suffix_mask,
-            is_causal=False,
-            **kwargs,
+            module, suffix_query, group_key, group_value, suffix_mask, is_causal=False, **kwargs
         )
         pieces.append(suffix_out)
     return torch.cat(pieces, dim=1), None

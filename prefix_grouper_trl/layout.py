@@ -107,9 +107,20 @@ class GroupLayout:
             `(B, K)`: the value of each completion token in the original row order, 0 where the completion mask is 0,
             as TRL's fused head leaves it.
         """
-        scored = packed_values[0].index_select(0, self.scored_positions)
-        out = scored.new_zeros(self.batch_size * self.logits_to_keep)
-        out = out.index_put((self.scored_slots,), scored)
+        return self.scatter_scored_to_rows(packed_values[:, self.scored_positions])
+
+    def scatter_scored_to_rows(self, scored_values: torch.Tensor) -> torch.Tensor:
+        """
+        Like `scatter_to_rows`, for values of the scored positions only.
+
+        Args:
+            scored_values (`(1, N)`): one value per entry of `scored_positions`, in that order.
+
+        Returns:
+            `(B, K)`, zeros where the completion mask is 0.
+        """
+        out = scored_values.new_zeros(self.batch_size * self.logits_to_keep)
+        out = out.index_put((self.scored_slots,), scored_values[0])
         return out.view(self.batch_size, self.logits_to_keep)
 
 

@@ -68,6 +68,28 @@ def _group_shuffle_in_trl():
         trl_grpo_module.shuffle_sequence_dict = original
 
 
+@contextlib.contextmanager
+def _scored_positions_only(model, scored_positions: torch.Tensor):
+    """
+    Hand TRL's fused LM head only the hidden states it has to score (the completion positions).
+
+    The fused head scores every position it is given on devices without Triton (CPU), and the prompt positions of a
+    packed row have nothing to score. The hook keeps `model.base_model`'s output to `(1, N, hidden)`; the labels
+    passed as `shift_labels` are the `(1, N)` labels of the same positions, so the head computes exactly what TRL's
+    would on those positions.
+    """
+
+    def keep_scored(module, args, output):
+        output.last_hidden_state = output.last_hidden_state[:, scored_positions]
+        return output
+
+    handle = model.base_model.register_forward_hook(keep_scored)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _expected_attention_layers(model) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = getattr(config, "layer_types", None)
@@ -189,20 +211,21 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         model_inputs = {
             "input_ids": layout.input_ids,
             "position_ids": layout.position_ids,
-            "shift_labels": layout.shift_labels,
+            # Labels of the scored positions only: the backbone hook below hands the head just those positions.
+            "shift_labels": layout.shift_labels[:, layout.scored_positions],
             LAYOUT_KWARG: layout,
         }
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
-        with grouped_forward(), self.accelerator.autocast():
+        inner = self._transformers_model(model)
+        with grouped_forward(), _scored_positions_only(inner, layout.scored_positions), self.accelerator.autocast():
             outputs = model(**model_inputs, fused_lm_head=True)
-        self._check_layout_consumed(model, layout)
-        logps = layout.scatter_to_rows(outputs.log_probs)
-        entropies = layout.scatter_to_rows(outputs.entropy) if compute_entropy else None
+        self._check_layout_consumed(inner, layout)
+        logps = layout.scatter_scored_to_rows(outputs.log_probs)
+        entropies = layout.scatter_scored_to_rows(outputs.entropy) if compute_entropy else None
         return logps, entropies, outputs.aux_loss if compute_aux_loss else None
 
-    def _check_layout_consumed(self, model, layout: GroupLayout) -> None:
-        inner = self._transformers_model(model)
+    def _check_layout_consumed(self, inner, layout: GroupLayout) -> None:
         expected = _expected_attention_layers(inner)
         if layout.attention_calls == 0 or (expected is not None and layout.attention_calls < expected):
             raise RuntimeError(
