@@ -83,3 +83,22 @@ def test_generation_path_is_the_models_own_attention(tmp_path):
                                          do_sample=False, pad_token_id=0)
     assert torch.equal(expected, got)
     assert torch.equal(expected_gen, got_gen)
+
+
+def test_multimodal_batches_fall_back_with_one_warning(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_model("qwen2"))
+    batch = make_batch([5, 5, 7], [3, 2, 4], [0, 0, 1])
+    token_type_ids = torch.zeros_like(batch[0])  # as a vision-language batch carries
+    parent = GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, *batch, compute_entropy=True, token_type_ids=token_type_ids
+    )
+    with pytest.warns(UserWarning, match="multimodal inputs"):
+        ours = trainer._get_per_token_logps_and_entropies(
+            trainer.model, *batch, compute_entropy=True, token_type_ids=token_type_ids
+        )
+    assert torch.equal(ours[0], parent[0]) and torch.equal(ours[1], parent[1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer._get_per_token_logps_and_entropies(trainer.model, *batch, token_type_ids=token_type_ids)
