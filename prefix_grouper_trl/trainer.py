@@ -1,6 +1,7 @@
 """`PrefixGroupedGRPOTrainer`: TRL's `GRPOTrainer` with each group's prompt forwarded once."""
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -243,3 +244,7 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         groups = sum(layout.num_groups for layout in layouts)
         self._metrics[mode]["prefix_grouper/tokens_saved_frac"].append(1.0 - packed / max(repeated, 1))
         self._metrics[mode]["prefix_grouper/mean_group_size"].append(grouped_rows / max(groups, 1))
+
+
+# Same constructor as GRPOTrainer, also for introspection (IDEs, `inspect.signature`, argument parsers).
+PrefixGroupedGRPOTrainer.__init__.__signature__ = inspect.signature(GRPOTrainer.__init__)

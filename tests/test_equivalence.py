@@ -170,3 +170,15 @@ def test_separate_reference_model(tmp_path):
         parent = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, *batch, batch_size=2)[0]
         grouped = trainer._get_per_token_logps_and_entropies(trainer.ref_model, *batch, batch_size=2)[0]
     assert_close_verbose("reference log-probs", grouped, parent, atol=1e-5)
+
+
+def test_same_constructor_as_grpo_trainer():
+    import inspect
+
+    assert inspect.signature(PrefixGroupedGRPOTrainer.__init__) == inspect.signature(GRPOTrainer.__init__)
+
+
+@pytest.mark.parametrize("overrides", [{"temperature": 0.7}, {"cast_lm_head_to_fp32": True, "temperature": 1.3}])
+def test_fused_head_options(tmp_path, overrides):
+    trainer = make_trainer(tmp_path, "qwen3", **overrides)
+    assert_equivalent(trainer, *layout_batch("uneven_groups"))
