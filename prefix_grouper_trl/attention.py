@@ -23,6 +23,7 @@ dtype rules, so the result equals the repeated forward up to floating-point roun
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -132,3 +133,127 @@ def split_attention(
         )
         pieces.append(suffix_out)
     return torch.cat(pieces, dim=1), None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Variable-length path (GPU): two varlen calls for the whole row, no mask at all.
+#
+#   call 1, all prefixes:   q = k = v = [prefix_0 | prefix_1 | ...]                    causal per segment
+#   call 2, all suffixes:   q = [suffix_0a | suffix_0b | suffix_1a ...]
+#                           k = v = [prefix_0 suffix_0a | prefix_0 suffix_0b | prefix_1 suffix_1a ...]  (gathered)
+#                           causal per segment, aligned bottom-right (query i of a suffix sees its prefix and
+#                           its own tokens 0..i), which is the flash-attention convention when q is shorter than k.
+# --------------------------------------------------------------------------------------------------------------------
+
+VarlenFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class VarlenPlan:
+    """
+    Index maps of the varlen path, built once per layout and device.
+
+    prefix_positions (`(sum P,)` long): packed positions of all prefix tokens, group by group.
+    cu_prefix (`(n_prefix_segments + 1,)` int32), max_prefix: offsets of the prefix segments (groups with P > 0).
+    suffix_positions (`(sum S,)` long): packed positions of all suffix tokens, suffix by suffix.
+    suffix_kv_positions (`(sum (P_g + S),)` long): for each suffix, its group's prefix positions then its own.
+    cu_suffix_q, cu_suffix_k (`(n_suffix + 1,)` int32), max_suffix_q, max_suffix_k: their segment offsets.
+    inverse (`(T,)` long): packed position -> row of `cat([prefix_out, suffix_out])`.
+    """
+
+    prefix_positions: torch.Tensor
+    cu_prefix: torch.Tensor
+    max_prefix: int
+    suffix_positions: torch.Tensor
+    suffix_kv_positions: torch.Tensor
+    cu_suffix_q: torch.Tensor
+    cu_suffix_k: torch.Tensor
+    max_suffix_q: int
+    max_suffix_k: int
+    inverse: torch.Tensor
+
+
+def _offsets(lengths: list[int], device) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+def varlen_plan(layout: GroupLayout, device: torch.device) -> VarlenPlan:
+    key = ("varlen", str(device))
+    plan = layout._mask_cache.get(key)
+    if plan is not None:
+        return plan
+    prefix_positions, prefix_lens, suffix_positions, suffix_kv_positions, suffix_q_lens, suffix_k_lens = [], [], [], [], [], []
+    for start, prefix_len, suffix_lens in layout.group_segments():
+        prefix = torch.arange(start, start + prefix_len)
+        if prefix_len > 0:
+            prefix_positions.append(prefix)
+            prefix_lens.append(prefix_len)
+        cursor = start + prefix_len
+        for suffix_len in suffix_lens:
+            own = torch.arange(cursor, cursor + suffix_len)
+            suffix_positions.append(own)
+            suffix_kv_positions.extend([prefix, own])
+            suffix_q_lens.append(suffix_len)
+            suffix_k_lens.append(prefix_len + suffix_len)
+            cursor += suffix_len
+    empty = torch.zeros(0, dtype=torch.long)
+    prefix_positions = torch.cat(prefix_positions) if prefix_positions else empty
+    suffix_positions = torch.cat(suffix_positions)
+    order = torch.cat([prefix_positions, suffix_positions])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    plan = VarlenPlan(
+        prefix_positions=prefix_positions.to(device),
+        cu_prefix=_offsets(prefix_lens, device),
+        max_prefix=max(prefix_lens, default=0),
+        suffix_positions=suffix_positions.to(device),
+        suffix_kv_positions=torch.cat(suffix_kv_positions).to(device),
+        cu_suffix_q=_offsets(suffix_q_lens, device),
+        cu_suffix_k=_offsets(suffix_k_lens, device),
+        max_suffix_q=max(suffix_q_lens),
+        max_suffix_k=max(suffix_k_lens),
+        inverse=inverse.to(device),
+    )
+    layout._mask_cache[key] = plan
+    return plan
+
+
+def split_attention_varlen(
+    varlen_fn: VarlenFn,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: GroupLayout,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, None]:
+    """
+    Shared-prefix attention with two variable-length calls (see the diagram above).
+
+    Args:
+        varlen_fn: `(q (t, H, D), k (s, H_kv, D), v, cu_q, cu_k, max_q, max_k, scale) -> (t, H, D)`, causal per
+            segment and aligned bottom-right, e.g. flash-attn's `flash_attn_varlen_func(..., causal=True)`.
+        query (`(1, H, T, D)`), key and value (`(1, H_kv, T, D)`): the packed row.
+
+    Returns:
+        `((1, T, H, D), None)`.
+    """
+    if query.size(0) != 1 or query.size(2) != layout.packed_tokens:
+        raise ValueError(
+            f"Prefix-grouped attention got queries of shape {tuple(query.shape)} for a packed row of "
+            f"{layout.packed_tokens} tokens; the layout does not belong to this forward."
+        )
+    layout.attention_calls += 1
+    plan = varlen_plan(layout, query.device)
+    # (1, H, T, D) -> (T, H, D), the varlen token-major layout.
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    outputs = []
+    if plan.prefix_positions.numel():
+        q_p, k_p, v_p = (x.index_select(0, plan.prefix_positions) for x in (q, k, v))
+        outputs.append(varlen_fn(q_p, k_p, v_p, plan.cu_prefix, plan.cu_prefix, plan.max_prefix, plan.max_prefix, scaling))
+    q_s = q.index_select(0, plan.suffix_positions)
+    k_s, v_s = (x.index_select(0, plan.suffix_kv_positions) for x in (k, v))
+    outputs.append(
+        varlen_fn(q_s, k_s, v_s, plan.cu_suffix_q, plan.cu_suffix_k, plan.max_suffix_q, plan.max_suffix_k, scaling)
+    )
+    out = torch.cat(outputs).index_select(0, plan.inverse)
+    return out.unsqueeze(0), None

@@ -19,10 +19,10 @@ from functools import partial
 
 import torch
 
-from .attention import split_attention
+from .attention import split_attention, split_attention_varlen
 
 PREFIX = "prefix_grouped_"
-SUPPORTED_BASES = ("sdpa", "eager")
+SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2")
 LAYOUT_KWARG = "prefix_group_layout"
 
 _grouped_forward_active = contextvars.ContextVar("prefix_grouper_grouped_forward", default=False)
@@ -37,10 +37,48 @@ def _model_eager_attention(module: torch.nn.Module):
     return fn
 
 
+def _flash_attn_varlen(dropout: float, softcap: float | None):
+    """flash-attn 2's varlen kernel as a `VarlenFn` (imported lazily: flash-attn needs CUDA to build)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package (`pip install "
+            "prefix_grouper_trl[flash-attn]` on a CUDA machine), or load the model with attn_implementation='sdpa'."
+        ) from error
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale, causal=True,
+            softcap=0.0 if softcap is None else softcap,
+        )
+
+    return varlen
+
+
+def _torch_varlen(query: torch.Tensor, key: torch.Tensor, dropout: float, softcap: float | None):
+    """torch's own varlen flash kernel (CUDA, fp16/bf16, torch>=2.9) as a `VarlenFn`, or None where it cannot run."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout or softcap is not None:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    enable_gqa = query.size(1) != key.size(1)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        # window (-1, 0): causal, aligned bottom-right as in flash-attn.
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=enable_gqa)
+
+    return varlen
+
+
 def _dispatch(base: str, module, query, key, value, attention_mask, **kwargs):
     layout = kwargs.pop(LAYOUT_KWARG, None)
     if base == "eager":
         base_fn = _model_eager_attention(module)
+    elif base == "flash_attention_2":
+        from transformers.integrations.flash_attention import flash_attention_forward as base_fn
     else:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as base_fn
     if layout is None:
@@ -52,6 +90,16 @@ def _dispatch(base: str, module, query, key, value, attention_mask, **kwargs):
             f"prompt+completion of this batch ({layout.max_span + 1} tokens). Prefix grouping supports only windows "
             "that cover a whole row: shorten prompts/max_completion_length, or set prefix_grouping=False."
         )
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+    softcap = kwargs.get("softcap")
+    if base == "flash_attention_2":
+        varlen = _flash_attn_varlen(dropout, softcap)
+    elif base == "sdpa":
+        varlen = _torch_varlen(query, key, dropout, softcap)
+    else:
+        varlen = None
+    if varlen is not None:
+        return split_attention_varlen(varlen, query, key, value, layout, scaling=kwargs.get("scaling"))
     return split_attention(base_fn, base == "eager", module, query, key, value, layout, **kwargs)
 
 
