@@ -257,3 +257,71 @@ def split_attention_varlen(
     )
     out = torch.cat(outputs).index_select(0, plan.inverse)
     return out.unsqueeze(0), None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FlexAttention path: one call over the packed row with a block-sparse mask. The BlockMask stores which (128 x 128)
+# tiles are full, partial or empty; the mask function below is evaluated per tile, never as a dense (T x T) tensor.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def packed_token_ids(layout: GroupLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per packed token: its group index and its suffix index (-1 on prefix tokens), both `(T,)` long.
+
+    Example (layout.py's docstring row, two groups)::
+
+        tokens:  p p | a a | b | q q | c
+        group:   0 0   0 0   0   1 1   1
+        suffix: -1 -1  0 0   1  -1 -1  2
+    """
+    group_sizes = [prefix_len + sum(suffix_lens) for _, prefix_len, suffix_lens in layout.group_segments()]
+    group = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    segment_lens, segment_suffix, suffix_count = [], [], 0
+    for _, prefix_len, suffix_lens in layout.group_segments():
+        segment_lens.append(prefix_len)
+        segment_suffix.append(-1)
+        for suffix_len in suffix_lens:
+            segment_lens.append(suffix_len)
+            segment_suffix.append(suffix_count)
+            suffix_count += 1
+    suffix = torch.repeat_interleave(torch.tensor(segment_suffix), torch.tensor(segment_lens))
+    return group.to(device), suffix.to(device)
+
+
+def flex_block_mask(layout: GroupLayout, device: torch.device):
+    """The packed-row mask as a FlexAttention `BlockMask`, built once per layout and device."""
+    key = ("flex", str(device))
+    block_mask = layout._mask_cache.get(key)
+    if block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        group, suffix = packed_token_ids(layout, device)
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            visible_kind = (suffix[kv_idx] == -1) | (suffix[kv_idx] == suffix[q_idx])
+            return (group[q_idx] == group[kv_idx]) & (kv_idx <= q_idx) & visible_kind
+
+        total = layout.packed_tokens
+        # Compiled, the mask function is evaluated tile by tile; eager, torch evaluates it on the dense grid first.
+        # FlexAttention has no backward on CPU, so CPU only ever runs it in (test) forwards, where that is fine.
+        block_mask = create_block_mask(
+            mask_mod, None, None, total, total, device=device, _compile=torch.device(device).type == "cuda"
+        )
+        layout._mask_cache[key] = block_mask
+    return block_mask
+
+
+def split_attention_flex(
+    base_attention: AttentionFn, module, query, key, value, layout: GroupLayout, **kwargs
+) -> tuple[torch.Tensor, None]:
+    """Shared-prefix attention as one call of the model's flex attention with the packed-row block mask."""
+    if query.size(0) != 1 or query.size(2) != layout.packed_tokens:
+        raise ValueError(
+            f"Prefix-grouped attention got queries of shape {tuple(query.shape)} for a packed row of "
+            f"{layout.packed_tokens} tokens; the layout does not belong to this forward."
+        )
+    layout.attention_calls += 1
+    kwargs.pop("is_causal", None)
+    out, _ = base_attention(module, query, key, value, flex_block_mask(layout, query.device), **kwargs)
+    return out, None

@@ -19,10 +19,10 @@ from functools import partial
 
 import torch
 
-from .attention import split_attention, split_attention_varlen
+from .attention import split_attention, split_attention_flex, split_attention_varlen
 
 PREFIX = "prefix_grouped_"
-SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2")
+SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 LAYOUT_KWARG = "prefix_group_layout"
 
 _grouped_forward_active = contextvars.ContextVar("prefix_grouper_grouped_forward", default=False)
@@ -79,6 +79,8 @@ def _dispatch(base: str, module, query, key, value, attention_mask, **kwargs):
         base_fn = _model_eager_attention(module)
     elif base == "flash_attention_2":
         from transformers.integrations.flash_attention import flash_attention_forward as base_fn
+    elif base == "flex_attention":
+        from transformers.integrations.flex_attention import flex_attention_forward as base_fn
     else:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as base_fn
     if layout is None:
@@ -90,6 +92,8 @@ def _dispatch(base: str, module, query, key, value, attention_mask, **kwargs):
             f"prompt+completion of this batch ({layout.max_span + 1} tokens). Prefix grouping supports only windows "
             "that cover a whole row: shorten prompts/max_completion_length, or set prefix_grouping=False."
         )
+    if base == "flex_attention":
+        return split_attention_flex(base_fn, module, query, key, value, layout, **kwargs)
     dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     softcap = kwargs.get("softcap")
     if base == "flash_attention_2":

@@ -83,3 +83,34 @@ def test_split_attention_matches_dense_reference(attention_module, path, case):
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, expected):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=lambda m: f"{path}/{case} {name}: {m}")
     assert layout.attention_calls == 1
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_flex_mask_function_matches_dense_reference(case):
+    from prefix_grouper_trl.attention import packed_token_ids
+
+    layout = build_group_layout(*layout_batch(case))
+    group, suffix = packed_token_ids(layout, torch.device("cpu"))
+    q, k = torch.arange(layout.packed_tokens)[:, None], torch.arange(layout.packed_tokens)[None, :]
+    visible = (group[q] == group[k]) & (k <= q) & ((suffix[k] == -1) | (suffix[k] == suffix[q]))
+    assert torch.equal(visible, dense_packed_mask(layout))
+
+
+def test_flex_attention_forward_matches_repeated_forward():
+    """FlexAttention runs forward only on CPU (no backward there): hidden states of every scored position."""
+    from prefix_grouper_trl.integration import enable_prefix_grouping, grouped_forward
+
+    reference, model = tiny_model("qwen2", "sdpa"), tiny_model("qwen2", "flex_attention")
+    enable_prefix_grouping(model)
+    input_ids, attention_mask, logits_to_keep = layout_batch("uneven_groups")
+    layout = build_group_layout(input_ids, attention_mask, logits_to_keep)
+    with torch.no_grad(), grouped_forward():
+        packed = model.model(
+            input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_group_layout=layout
+        ).last_hidden_state
+    with torch.no_grad():
+        repeated = reference.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = layout.scored_slots // logits_to_keep
+    columns = layout.scored_slots % logits_to_keep + input_ids.size(1) - logits_to_keep - 1
+    torch.testing.assert_close(packed[0, layout.scored_positions], repeated[rows, columns], atol=1e-5, rtol=1e-5)
+    assert layout.attention_calls == model.config.num_hidden_layers
