@@ -16,7 +16,8 @@ does; without them the job runs in this process.
 Names understood on top of TRL's:
 
 - ``model_name_or_path: builtin:tiny-qwen2`` and ``dataset_name: builtin:key-lookup``: see `demo/builtin.py`;
-- ``reward_funcs: [key_lookup_reward]``: the demo's reward (`demo/rewards.py`), next to TRL's names and dotted paths.
+- ``reward_funcs: [key_lookup_reward]`` and ``[tldr_unigram_f1_reward]``: the recipes' rewards (`demo/rewards.py`),
+  next to TRL's names and dotted import paths.
 
 Everything that can be checked before the model is loaded is checked first (recipe path, keys, reward functions,
 dataset columns), so a bad recipe fails in seconds with a message that names the key or file.
@@ -57,7 +58,10 @@ def make_parser(prog: str | None = f"{PROG} grpo"):
 
     from .config import PrefixGroupedGRPOConfig
 
-    return TrlParser((GRPOScriptArguments, PrefixGroupedGRPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    # No abbreviations: `--learning_rat` must be an unknown key, not a silent `--learning_rate`.
+    return TrlParser(
+        (GRPOScriptArguments, PrefixGroupedGRPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog, allow_abbrev=False
+    )
 
 
 def _launcher_option_names() -> set[str]:
@@ -141,8 +145,15 @@ def parse_grpo_args(argv: list[str]):
         )
     except FileNotFoundError as error:  # e.g. a `deepspeed` json named in the recipe
         raise RecipeError(f"{error.filename}: file not found ({error.strerror}).") from error
-    except ValueError as error:  # the dataclasses' own checks, e.g. PrefixGroupedGRPOConfig's num_generations
-        source = f"recipe {config_path}" if config_path else "the command line"
+    except ValueError as error:  # the dataclasses' own checks in __post_init__
+        source = f"recipe {config_path} or the command line" if config_path else "the command line"
+        # TRL's own check on num_generations fires first and does not name the key; name it.
+        raw, _ = parser.parse_known_args(argv)
+        if raw.num_generations is not None and int(raw.num_generations) < 2:
+            raise RecipeError(
+                f"num_generations={raw.num_generations} (from {source}): GRPO needs at least 2 completions per prompt "
+                "to compute advantages. Set num_generations to 2 or more."
+            ) from error
         raise RecipeError(f"invalid value in {source}: {error}") from error
 
     known_fields = {action.dest for action in parser._actions}
@@ -167,7 +178,7 @@ def reward_function_registry() -> dict:
     """TRL's named reward functions (the same names ``trl grpo`` knows) and ours."""
     from trl.rewards import accuracy_reward, get_soft_overlong_punishment, reasoning_accuracy_reward, think_format_reward
 
-    from .demo.rewards import key_lookup_reward
+    from .demo.rewards import key_lookup_reward, tldr_unigram_f1_reward
 
     return {
         "accuracy_reward": accuracy_reward,
@@ -176,6 +187,7 @@ def reward_function_registry() -> dict:
         # The same parameters as `trl grpo` uses for this name.
         "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
         "key_lookup_reward": key_lookup_reward,
+        "tldr_unigram_f1_reward": tldr_unigram_f1_reward,
     }
 
 
