@@ -414,7 +414,14 @@ def write_run_report(trainer, output_dir: str, use_wandb: bool) -> dict:
     plot_path = plot_training_curves(history, output / "training_curves.png")
     report = {"log_history": str(log_path), "model": str(output), "plot": str(plot_path)}
 
-    lines = ["", "Run finished.", f"  final model   : {output}", f"  metric log    : {log_path}"]
+    state = trainer.accelerator.state
+    launch = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
+    if trainer.is_deepspeed_enabled:
+        launch += f", DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    elif state.distributed_type.value != "NO":
+        launch += f", {state.distributed_type.value}"
+    report["launch"] = launch
+    lines = ["", f"Run finished ({launch}).", f"  final model   : {output}", f"  metric log    : {log_path}"]
     if use_wandb:
         import wandb
 
