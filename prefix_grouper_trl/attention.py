@@ -17,7 +17,17 @@ For each group, two calls of the model's own attention function (`sdpa` or `eage
                                   [ 1 1 1 1 | . . 1 . . ]   suffix b, token 0
                                   [ 1 1 1 1 | . . 1 1 . ]   ...
 
-No mask over the whole packed row is ever built: the largest is `S x (prefix_len + S)` per group, shared by all
+   When the group has several suffixes, the rectangle wastes the `S x S` pairs between different suffixes. If that
+   costs more than repeating the prefix keys, the suffixes are batched instead, one row each, padded to the longest
+   (`n` suffixes, `C` = longest suffix)::
+
+       q (n, H, C, D)             the suffixes, padded
+       k = v (n, H_kv, P + C, D)  [prefix keys (expanded, shared) | the suffix's own keys]
+       mask (n, 1, C, P + C)      prefix open, own keys causal, padding closed
+
+   The cheaper of `S (P + S)` and `n C (P + C)` query-key pairs is chosen per group.
+
+No mask over the whole packed row is ever built: masks are per group, built once per layout and shared by all
 layers. Calling the model's own function on each block keeps its scaling, GQA handling, softcapping (eager) and
 dtype rules, so the result equals the repeated forward up to floating-point rounding.
 """
@@ -59,21 +69,107 @@ def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _cached_masks(layout: GroupLayout, device: torch.device, additive_dtype: torch.dtype | None) -> list:
-    """Per group `(prefix_mask or None, suffix_mask)`, built once per layout and shared by every layer."""
+@dataclass
+class _BatchedSuffixes:
+    """Index maps of the batched suffix call of one group (see the module docstring)."""
+
+    gather: torch.Tensor  # (n * C,) long: suffix token feeding each padded slot (padding repeats a real token)
+    valid: torch.Tensor  # (S,) long: padded slot of each real suffix token, in packed order
+    num_suffixes: int
+    longest: int
+
+
+@dataclass
+class _GroupPlan:
+    prefix_mask: torch.Tensor | None  # eager only: (1, 1, P, P) additive causal mask
+    suffix_mask: torch.Tensor  # (1, 1, S, P + S) or, batched, (n, 1, C, P + C)
+    batched: _BatchedSuffixes | None
+
+
+def batched_suffix_mask(prefix_len: int, suffix_lens: list[int], device: torch.device) -> torch.Tensor:
+    """
+    Boolean mask `(n, 1, C, prefix_len + C)` of the batched suffix call, C = the longest suffix.
+
+    Example, prefix_len=1, suffix_lens=[2, 1]: suffix 1's second query row is padding (its output is discarded); it
+    sees keys that exist, so its softmax stays finite::
+
+        suffix 0: [[1, 1, 0],      suffix 1: [[1, 1, 0],
+                   [1, 1, 1]]                 [1, 1, 0]]
+    """
+    longest = max(suffix_lens)
+    lens = torch.tensor(suffix_lens, device=device)[:, None, None]
+    query = torch.arange(longest, device=device)[None, :, None]
+    key = torch.arange(longest, device=device)[None, None, :]
+    own = (key <= query) & (key < lens)
+    prefix = torch.ones(len(suffix_lens), longest, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, own], dim=2).unsqueeze(1)
+
+
+def _batching_pays(prefix_len: int, suffix_lens: list[int]) -> bool:
+    total, longest = sum(suffix_lens), max(suffix_lens)
+    rectangle = total * (prefix_len + total)
+    # Copying the prefix keys for every suffix costs about a pair per key; demand a clear gain.
+    batched = len(suffix_lens) * longest * (prefix_len + longest) + len(suffix_lens) * prefix_len
+    return len(suffix_lens) > 1 and prefix_len > 0 and batched < 0.8 * rectangle
+
+
+def _batched_plan(suffix_lens: list[int], device: torch.device) -> _BatchedSuffixes:
+    longest = max(suffix_lens)
+    lens = torch.tensor(suffix_lens, device=device)
+    starts = torch.cumsum(lens, 0) - lens
+    slot = torch.arange(longest, device=device)[None, :]
+    # Padding slots read the suffix's last real token: finite values, discarded afterwards.
+    gather = (starts[:, None] + torch.minimum(slot, lens[:, None] - 1)).reshape(-1)
+    valid = ((torch.arange(len(suffix_lens), device=device) * longest)[:, None] + slot).reshape(-1)
+    valid = valid[(slot < lens[:, None]).reshape(-1)]
+    return _BatchedSuffixes(gather=gather, valid=valid, num_suffixes=len(suffix_lens), longest=longest)
+
+
+def _group_plans(layout: GroupLayout, device: torch.device, additive_dtype: torch.dtype | None) -> list[_GroupPlan]:
+    """One plan per group, built once per layout and shared by every layer."""
     key = (str(device), additive_dtype)
-    masks = layout._mask_cache.get(key)
-    if masks is None:
-        masks = []
+    plans = layout._mask_cache.get(key)
+    if plans is None:
+        plans = []
         for _, prefix_len, suffix_lens in layout.group_segments():
             prefix_mask = _causal_mask(prefix_len, device) if additive_dtype is not None and prefix_len > 1 else None
-            suffix_mask = suffix_block_mask(prefix_len, suffix_lens, device)
+            batched = _batched_plan(suffix_lens, device) if _batching_pays(prefix_len, suffix_lens) else None
+            if batched is None:
+                suffix_mask = suffix_block_mask(prefix_len, suffix_lens, device)
+            else:
+                suffix_mask = batched_suffix_mask(prefix_len, suffix_lens, device)
             if additive_dtype is not None:
                 prefix_mask = None if prefix_mask is None else _as_additive(prefix_mask, additive_dtype)
                 suffix_mask = _as_additive(suffix_mask, additive_dtype)
-            masks.append((prefix_mask, suffix_mask))
-        layout._mask_cache[key] = masks
-    return masks
+            plans.append(_GroupPlan(prefix_mask, suffix_mask, batched))
+        layout._mask_cache[key] = plans
+    return plans
+
+
+def _batched_suffix_attention(
+    base_attention: AttentionFn, module, suffix_query, prefix_key, prefix_value, suffix_key, suffix_value, plan, **kwargs
+) -> torch.Tensor:
+    """The suffixes of one group as a batch: `(1, H, S, D)` queries -> `(1, S, H, D)` outputs."""
+    batched = plan.batched
+    n, longest = batched.num_suffixes, batched.longest
+
+    def pad(x):  # (1, h, S, D) -> (n, h, C, D)
+        return x[0].index_select(1, batched.gather).unflatten(1, (n, longest)).transpose(0, 1)
+
+    def with_prefix(prefix, suffix):  # -> (n, h_kv, P + C, D)
+        return torch.cat([prefix.expand(n, -1, -1, -1), pad(suffix)], dim=2)
+
+    out, _ = base_attention(
+        module,
+        pad(suffix_query),
+        with_prefix(prefix_key, suffix_key),
+        with_prefix(prefix_value, suffix_value),
+        plan.suffix_mask,
+        is_causal=False,
+        **kwargs,
+    )
+    # (n, C, H, D) -> the real tokens, in packed order.
+    return out.flatten(0, 1).index_select(0, batched.valid).unsqueeze(0)
 
 
 def split_attention(
@@ -90,7 +186,7 @@ def split_attention(
     Shared-prefix attention over a packed row, by blocks of the model's own attention function.
 
     Args:
-        base_attention: the model's attention function, `(module, q, k, v, mask, **kwargs) -> ((1, t, H, D), w)`.
+        base_attention: the model's attention function, `(module, q, k, v, mask, **kwargs) -> ((b, t, H, D), w)`.
         needs_explicit_causal_mask: True for `eager`, which applies no causal mask of its own; its masks are
             additive floats of the query dtype. False for `sdpa`, which takes boolean masks and `is_causal`.
         query (`(1, H, T, D)`), key and value (`(1, H_kv, T, D)`): the packed row after rotary embedding.
@@ -107,7 +203,7 @@ def split_attention(
         )
     layout.attention_calls += 1
     additive_dtype = query.dtype if needs_explicit_causal_mask else None
-    masks = _cached_masks(layout, query.device, additive_dtype)
+    plans = _group_plans(layout, query.device, additive_dtype)
     kwargs.pop("is_causal", None)
 
     # Split once per group and once per prefix/suffix: the backward of a split is a concatenation, while the backward
@@ -116,21 +212,30 @@ def split_attention(
     group_sizes = [prefix_len + sum(suffix_lens) for _, prefix_len, suffix_lens in segments]
     groups = zip(query.split(group_sizes, 2), key.split(group_sizes, 2), value.split(group_sizes, 2))
     pieces = []
-    for (group_query, group_key, group_value), (_, prefix_len, suffix_lens), (prefix_mask, suffix_mask) in zip(
-        groups, segments, masks
-    ):
-        suffix_query = group_query
-        if prefix_len > 0:
-            sizes = [prefix_len, group_query.size(2) - prefix_len]
-            prefix_query, suffix_query = group_query.split(sizes, 2)
-            prefix_key, prefix_value = group_key.split(sizes, 2)[0], group_value.split(sizes, 2)[0]
-            prefix_out, _ = base_attention(
-                module, prefix_query, prefix_key, prefix_value, prefix_mask, is_causal=True, **kwargs
+    for (group_query, group_key, group_value), (_, prefix_len, suffix_lens), plan in zip(groups, segments, plans):
+        if prefix_len == 0:
+            suffix_out, _ = base_attention(
+                module, group_query, group_key, group_value, plan.suffix_mask, is_causal=False, **kwargs
             )
-            pieces.append(prefix_out)
-        suffix_out, _ = base_attention(
-            module, suffix_query, group_key, group_value, suffix_mask, is_causal=False, **kwargs
+            pieces.append(suffix_out)
+            continue
+        sizes = [prefix_len, group_query.size(2) - prefix_len]
+        prefix_query, suffix_query = group_query.split(sizes, 2)
+        prefix_key, suffix_key = group_key.split(sizes, 2)
+        prefix_value, suffix_value = group_value.split(sizes, 2)
+        prefix_out, _ = base_attention(
+            module, prefix_query, prefix_key, prefix_value, plan.prefix_mask, is_causal=True, **kwargs
         )
+        pieces.append(prefix_out)
+        if plan.batched is None:
+            suffix_out, _ = base_attention(
+                module, suffix_query, group_key, group_value, plan.suffix_mask, is_causal=False, **kwargs
+            )
+        else:
+            suffix_out = _batched_suffix_attention(
+                base_attention, module, suffix_query, prefix_key, prefix_value, suffix_key, suffix_value, plan,
+                **kwargs,
+            )
         pieces.append(suffix_out)
     return torch.cat(pieces, dim=1), None
 

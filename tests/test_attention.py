@@ -114,3 +114,11 @@ def test_flex_attention_forward_matches_repeated_forward():
     columns = layout.scored_slots % logits_to_keep + input_ids.size(1) - logits_to_keep - 1
     torch.testing.assert_close(packed[0, layout.scored_positions], repeated[rows, columns], atol=1e-5, rtol=1e-5)
     assert layout.attention_calls == model.config.num_hidden_layers
+
+
+def test_batched_suffix_path_is_exercised():
+    from prefix_grouper_trl.attention import _group_plans
+
+    layout = build_group_layout(*layout_batch("batched_suffixes"))
+    plans = _group_plans(layout, torch.device("cpu"), None)
+    assert [plan.batched is not None for plan in plans] == [True, False]

@@ -31,6 +31,9 @@ LAYOUT_CASES = {
     "prompt_of_one_token": ([1, 1, 4], [3, 2, 2], [0, 0, 1]),
     "same_prompt_in_two_groups": ([6, 6, 6, 6], [2, 4, 3, 1], [0, 0, 1, 1]),
     "shuffled_rows": ([9, 6, 4, 6, 9, 6], [6, 5, 4, 2, 1, 3], [2, 0, 1, 0, 2, 0]),
+    # Groups whose suffixes are cheaper as a padded batch than as one rectangle (see attention.py), next to one
+    # that is not.
+    "batched_suffixes": ([7, 7, 7, 3, 7, 7, 3], [5, 1, 5, 2, 5, 4, 2], [0, 0, 0, 1, 0, 0, 1]),
 }
 MODELS = [
     ("qwen2", "sdpa"),

@@ -73,6 +73,21 @@ def test_suffix_block_mask():
     assert mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
 
 
+def test_batched_suffix_plan_and_mask():
+    from prefix_grouper_trl.attention import _batched_plan, _batching_pays, batched_suffix_mask
+
+    mask = batched_suffix_mask(prefix_len=1, suffix_lens=[2, 1], device=torch.device("cpu"))
+    assert mask.shape == (2, 1, 2, 3)
+    assert mask[:, 0].int().tolist() == [[[1, 1, 0], [1, 1, 1]], [[1, 1, 0], [1, 1, 0]]]
+    plan = _batched_plan([2, 1, 3], torch.device("cpu"))
+    # Suffix tokens 0-1 | 2 | 3-5, padded to 3 slots each; padding repeats the suffix's last token.
+    assert plan.gather.tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 5]
+    assert plan.valid.tolist() == [0, 1, 3, 6, 7, 8]
+    assert _batching_pays(prefix_len=6, suffix_lens=[5, 1, 5, 5, 4])  # 305 pairs vs 520
+    assert not _batching_pays(prefix_len=2, suffix_lens=[2, 2])  # 20 vs 24: too close
+    assert not _batching_pays(prefix_len=0, suffix_lens=[5, 5, 5])  # nothing shared
+
+
 def test_row_chunks_follow_the_token_budget():
     # Costs: group A = prefix 1 + rows 0 (2) and 2 (3); group B = prefix 2 + row 1 (1).
     assert [c.tolist() for c in plan_row_chunks(INPUT_IDS, ATTENTION_MASK, 3, token_budget=100)] == [[0, 2, 1]]
