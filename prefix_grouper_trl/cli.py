@@ -316,6 +316,13 @@ def configure_wandb(training_args) -> bool:
     """
     if "wandb" not in (training_args.report_to or []):
         return False
+    try:
+        import wandb  # noqa: F401
+    except ImportError as error:
+        raise RecipeError(
+            "report_to: wandb is asked for but not installed. Install it (pip install 'prefix_grouper_trl[wandb]') "
+            "or pass --report_to none."
+        ) from error
     if not _wandb_api_key_configured():
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_PROJECT", "prefix-grouper-trl")
@@ -367,9 +374,9 @@ def train(script_args, training_args, model_args, dataset_args) -> dict:
 
     # Checks first: nothing heavy is loaded until these pass.
     reward_funcs = resolve_reward_funcs(script_args)
+    use_wandb = configure_wandb(training_args)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
     model_path, processing_class = resolve_model(model_args)
-    use_wandb = configure_wandb(training_args)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,

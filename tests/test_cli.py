@@ -137,3 +137,14 @@ def test_main_reports_errors_without_a_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_console_script_and_module_entry_points():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module_name, _, attribute = scripts["prefix-grouper-trl"].partition(":")
+    import importlib
+
+    assert getattr(importlib.import_module(module_name), attribute) is main
+    assert "from .cli import main" in (REPO / "prefix_grouper_trl" / "__main__.py").read_text()

@@ -121,7 +121,7 @@ def test_demo_command_learns_and_reports(tmp_path):
     assert len(rewards) == SHORT_STEPS
     window = SHORT_STEPS // 5
     first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
-    assert last > first + 0.1, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
+    assert last > first + 0.08, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
 
     saved = [entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry]
     group_sizes = [entry["prefix_grouper/mean_group_size"] for entry in history if "prefix_grouper/mean_group_size" in entry]

@@ -6,12 +6,13 @@ question. The answer is a single word copied from the document::
 
     w12 w40 w7 ... w3 key is v5 . w31 ... w9 question : what is key ? answer :   ->   v5
 
-The prompt is long (about a hundred tokens) and the answer short (one token and the end-of-text token), which is the
-shape Prefix Grouper is built for: the ``num_generations`` completions of a prompt share everything but a few tokens.
+The prompt is long (76 tokens with the demo's settings) and the answer short (one token), which is the shape Prefix
+Grouper is built for: the ``num_generations`` completions of a prompt share everything but a few tokens.
 
-The vocabulary is closed and small, so a word-level tokenizer covers it exactly (see `tokenizer.py`), and a two-layer
-model learns the lookup from random initialisation in a few hundred GRPO steps: first to answer with a value word at
-all (partial credit, see `rewards.py`), then to copy the one value word that the document contains.
+The vocabulary is closed and small, so a word-level tokenizer covers it exactly (see `tokenizer.py`). From random
+initialisation a two-layer model first learns, within a few dozen GRPO steps, to answer with a value word at all
+(partial credit, see `rewards.py`); copying the one value word that the document holds is the harder second stage
+and takes far more samples (it is learned in a few hundred steps by supervised training of the same model).
 """
 
 import random
@@ -43,7 +44,7 @@ class KeyLookupTask:
         seed: seed of the generator; the same seed gives the same dataset on every process.
     """
 
-    context_words: int = 96
+    context_words: int = 64
     num_values: int = 8
     num_fillers: int = 48
     num_train: int = 4096
