@@ -116,10 +116,14 @@ def measure(points: list[Point], args, env: dict, run_id: str, runner: IsolatedR
     for index, point in enumerate(points, 1):
         start = time.perf_counter()
         case = PointCase(point, tuple(args.paths), args.shape, args.device, args.threads, args.rounds)
-        raw = runner.run(run_point_case, case)
-        for path in args.paths[1:]:  # the first path's memory was measured in the timing process
-            alone = runner.run(run_memory_case, dataclasses.replace(case, paths=(path,)))
-            raw["paths"][path]["peak_mib"] = alone["peak_mib"]
+        try:
+            raw = runner.run(run_point_case, case)
+            for path in args.paths[1:]:  # the first path's memory was measured in the timing process
+                alone = runner.run(run_memory_case, dataclasses.replace(case, paths=(path,)))
+                raw["paths"][path]["peak_mib"] = alone["peak_mib"]
+        except Exception as error:  # e.g. out of memory (CUDA raises, a CPU worker gets killed): keep sweeping
+            print(f"[{index}/{len(points)}] {point.label()}: FAILED ({type(error).__name__}: {error})", flush=True)
+            continue
         rows = summarize(point, raw, args, env, run_id)
         append_csv(args.csv, rows)
         by_point[point] = {row["path"]: row for row in rows}

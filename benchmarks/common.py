@@ -438,6 +438,15 @@ class IsolatedRunner:
 # Analytic FLOP model
 
 
+def suffixes_batched(prefix_len: int, suffix_lens: list[int]) -> bool:
+    """Whether `prefix_grouper_trl.attention` batches this group's suffixes (its own rule; False before it had one)."""
+    try:
+        from prefix_grouper_trl.attention import _batching_pays
+    except ImportError:
+        return False
+    return _batching_pays(prefix_len, suffix_lens)
+
+
 @dataclass
 class FlopCount:
     """What one path computes for one micro-batch (forward + backward)."""
@@ -480,6 +489,12 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
     width = P + C
     prefix = P - 1  # our packed prefix: the last prompt token heads every suffix instead
     suffix = G * C  # our suffix tokens per group: last prompt token + C-1 completion tokens per row
+    # The split attention runs a group's suffix queries either as one (S, P-1+S) block-mask call or batched per
+    # suffix, (G, C, P-1+C), whichever its own rule picks.
+    if suffixes_batched(prefix, [C] * G):
+        suffix_pairs = G * C * (prefix + C)
+    else:
+        suffix_pairs = suffix * (prefix + suffix)
     counts = {
         # B rows of padded width L; no padding here, so SDPA runs is_causal: L(L+1)/2 pairs per row.
         "trl": FlopCount(
@@ -488,11 +503,11 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
             head_positions=rows * (width - 1) if fused_head_scores_all else rows * C,
             head_passes=4,
         ),
-        # One packed row: per group the prefix (causal) and all suffix queries against [prefix | suffixes] (full
-        # block, most of it masked); the backbone hook hands the head only the scored positions.
+        # One packed row: per group the prefix (causal) and the suffix queries (see above); the backbone hook hands
+        # the head only the scored positions.
         "grouped": FlopCount(
             linear_tokens=groups * (prefix + suffix),
-            attention_pairs=groups * (prefix * (prefix + 1) // 2 + suffix * (prefix + suffix)),
+            attention_pairs=groups * (prefix * (prefix + 1) // 2 + suffix_pairs),
             head_positions=rows * C,
             head_passes=4,
         ),

@@ -81,8 +81,10 @@ def test_flop_counts_by_hand():
     counts = common.flop_counts(common.Point(prompt_len=5, completion_len=3, group_size=2), "cpu-small")
     # TRL: 2 rows of 8 tokens, causal 8*9/2 pairs each, every position but the last scored.
     assert (counts["trl"].linear_tokens, counts["trl"].attention_pairs, counts["trl"].head_positions) == (16, 72, 14)
-    # Ours: prefix 4 + suffixes 2*3 = 10 tokens; 4*5/2 prefix pairs + 6 x (4 + 6) suffix pairs; 6 scored positions.
-    assert (counts["grouped"].linear_tokens, counts["grouped"].attention_pairs) == (10, 10 + 60)
+    # Ours: prefix 4 + suffixes 2*3 = 10 tokens; 4*5/2 prefix pairs + suffix pairs, 6 scored positions.
+    # Suffix pairs: one block-mask call, 6 x (4 + 6), or the suffixes batched, 2 x 3 x (4 + 3).
+    suffix_pairs = 2 * 3 * (4 + 3) if common.suffixes_batched(4, [3, 3]) else 6 * (4 + 6)
+    assert (counts["grouped"].linear_tokens, counts["grouped"].attention_pairs) == (10, 10 + suffix_pairs)
     assert counts["grouped"].head_positions == 6
     # Reference: 5 + 2*3 = 11 tokens; 5*6/2 prefix pairs + 2 x 3 x (5 + 3); logits at all 11 positions.
     assert (counts["reference"].linear_tokens, counts["reference"].attention_pairs) == (11, 15 + 48)
