@@ -372,6 +372,12 @@ def train(script_args, training_args, model_args, dataset_args) -> dict:
 
     from . import PrefixGroupedGRPOTrainer
 
+    # torch sized its thread pool when it was imported, before the recipe's `env:` was applied; honour the recipe.
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
     # Checks first: nothing heavy is loaded until these pass.
     reward_funcs = resolve_reward_funcs(script_args)
     use_wandb = configure_wandb(training_args)
