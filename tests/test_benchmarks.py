@@ -125,3 +125,13 @@ def test_e2e_worker(tiny_shape):
     row = bench_e2e.summarize(case, raw)
     assert len(raw["steps"]) == 2 and row["step_s"] > 0 and 0 < row["logprob_share"] <= 1
     assert row["generate_s"] > 0 and row["backward_s"] > 0
+
+
+def test_attention_variants_agree(tiny_shape, capsys):
+    from benchmarks import bench_attention
+
+    bench_attention.main(["--shape", tiny_shape, "--prompt-len", "12", "--completion-len", "3", "--group-size", "3",
+                          "--num-groups", "2", "--reps", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "max |diff| to shipped" in line]
+    assert [line.split()[0] for line in lines] == ["shipped", "rectangle", "batched", "lse_merge"]
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-5 for line in lines)
