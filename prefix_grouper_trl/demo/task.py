@@ -11,8 +11,9 @@ Grouper is built for: the ``num_generations`` completions of a prompt share ever
 
 The vocabulary is closed and small, so a word-level tokenizer covers it exactly (see `tokenizer.py`). From random
 initialisation a two-layer model first learns, within a few dozen GRPO steps, to answer with a value word at all
-(partial credit, see `rewards.py`); copying the one value word that the document holds is the harder second stage
-and takes far more samples (it is learned in a few hundred steps by supervised training of the same model).
+(partial credit, see `rewards.py`), then, after a plateau of a few hundred steps at chance level, to copy the one
+value word that the document holds. The plateau ends only while each prompt's answers stay diverse, which is what
+the recipe's entropy bonus is for.
 """
 
 import random
