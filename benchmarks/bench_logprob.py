@@ -12,6 +12,8 @@ explains the FLOP model, the memory probe and the targets printed at the end.
 """
 
 import argparse
+import contextlib
+import csv
 import dataclasses
 import itertools
 import os
@@ -281,38 +283,49 @@ def write_table(by_point: dict, path: str, header: str) -> str:
 
 
 def write_plots(by_point: dict, out_dir: str, title: str) -> list[str]:
+    """One PNG per quantity, one panel per completion length, x = prompt length, one curve per group size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    single = {p: r for p, r in by_point.items() if p.num_groups == 1}
+    single = {p: r for p, r in by_point.items() if p.num_groups == 1 and {"trl", "grouped"} <= r.keys()}
     completion_lens = sorted({p.completion_len for p in single})
     group_sizes = sorted({p.group_size for p in single})
-    written = []
-    panels = [
-        ("speedup_vs_prompt.png", "speedup_vs_trl", "flop_ratio_vs_trl", "speedup over GRPOTrainer (wall)"),
-        ("memory_vs_prompt.png", "memory_ratio_vs_trl", None, "peak memory / GRPOTrainer's"),
+
+    def ours(key):
+        return lambda rows: rows["grouped"].get(key)
+
+    def versus_reference(rows):
+        return rows["reference"]["median_s"] / rows["grouped"]["median_s"] if "reference" in rows else None
+
+    figures = [
+        ("speedup_vs_prompt.png", ours("speedup_vs_trl"), ours("flop_ratio_vs_trl"),
+         "speedup over GRPOTrainer (wall)", "dashed: FLOP ratio", None),
+        ("memory_vs_prompt.png", ours("memory_ratio_vs_trl"), None,
+         "peak memory / GRPOTrainer's", f"dotted: target {TARGET_MEMORY_RATIO}", TARGET_MEMORY_RATIO),
+        ("vs_reference_vs_prompt.png", versus_reference, None,
+         "reference time / ours (>1: ours faster)", "dotted: parity", 1.0),
     ]
-    for filename, key, dashed_key, ylabel in panels:
+    written = []
+    for filename, value, dashed, ylabel, note, hline in figures:
         fig, axes = plt.subplots(1, len(completion_lens), figsize=(5.5 * len(completion_lens), 4.2), squeeze=False)
         for axis, completion_len in zip(axes[0], completion_lens):
             for color, group_size in zip(plt.cm.viridis([0.0, 0.3, 0.6, 0.85, 0.95]), group_sizes):
-                pts = sorted((p for p in single if p.completion_len == completion_len and p.group_size == group_size),
-                             key=lambda p: p.prompt_len)
-                pts = [p for p in pts if "grouped" in single[p] and key in single[p]["grouped"]]
+                pts = sorted((p for p in single if p.completion_len == completion_len and p.group_size == group_size
+                              and value(single[p]) is not None), key=lambda p: p.prompt_len)
                 if not pts:
                     continue
                 xs = [p.prompt_len for p in pts]
-                axis.plot(xs, [single[p]["grouped"][key] for p in pts], "o-", color=color, label=f"G={group_size}")
-                if dashed_key:
-                    axis.plot(xs, [single[p]["grouped"][dashed_key] for p in pts], "--", color=color, alpha=0.6)
+                axis.plot(xs, [value(single[p]) for p in pts], "o-", color=color, label=f"G={group_size}")
+                if dashed:
+                    axis.plot(xs, [dashed(single[p]) for p in pts], "x--", color=color, alpha=0.6)
+            if hline is not None:
+                axis.axhline(hline, color="gray", lw=0.8, ls=":")
             axis.set_xscale("log", base=2)
             axis.set_xlabel("prompt length (tokens)")
             axis.set_ylabel(ylabel)
-            axis.set_title(f"completion {completion_len}" + (" (dashed: FLOP ratio)" if dashed_key else ""))
-            if key == "memory_ratio_vs_trl":
-                axis.axhline(TARGET_MEMORY_RATIO, color="gray", lw=0.8, ls=":")
+            axis.set_title(f"completion {completion_len} ({note})")
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
         fig.suptitle(title, fontsize=9)
@@ -387,6 +400,23 @@ def check_targets(by_point: dict, mask_check: dict | None, loop_check: dict | No
     return results
 
 
+def load_run(csv_path: str, run_id: str | None = None) -> tuple[str, dict]:
+    """The rows of one run of the CSV (the latest by default), as `measure` returns them."""
+    with open(csv_path, newline="") as source:
+        rows = list(csv.DictReader(source))
+    run_id = run_id or rows[-1]["run_id"]
+    by_point: dict = {}
+    for row in rows:
+        if row["run_id"] != run_id:
+            continue
+        for key, value in row.items():
+            with contextlib.suppress(TypeError, ValueError):
+                row[key] = float(value) if any(c in value for c in ".e") else int(value)
+        point = Point(row["prompt_len"], row["completion_len"], row["group_size"], row["num_groups"])
+        by_point.setdefault(point, {})[row["path"]] = row
+    return run_id, by_point
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -407,6 +437,8 @@ def parse_args(argv=None):
                         help=f"skip points whose repeated forward exceeds this (CPU default {DEFAULT_MAX_TRL_TFLOP})")
     parser.add_argument("--no-targets", action="store_true", help="skip the target points and the mask check")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--report-only", nargs="?", const="latest", metavar="RUN_ID",
+                        help="measure nothing: rewrite the table, plots and targets from a run in the CSV")
     args = parser.parse_args(argv)
     args.shape = args.shape or ("cpu-small" if args.device == "cpu" else "qwen2.5-1.5b")
     if args.max_trl_tflop is None and args.device == "cpu" and not args.full:
@@ -426,6 +458,12 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.report_only:
+        run_id, by_point = load_run(args.csv, None if args.report_only == "latest" else args.report_only)
+        first = next(iter(next(iter(by_point.values())).values()))
+        env = {key: first[key] for key in ("machine", "commit", "torch", "transformers", "trl")}
+        report(by_point, args, env, run_id, None, None, None)
+        return 0
     env = environment()
     run_id = env["date"]
     if args.targets:
@@ -452,11 +490,16 @@ def main(argv=None) -> int:
         mask_check = largest_trailing_blocks(TARGET_POINT, args.shape)
         loop_check = attention_loop_overhead(SMALL_GROUPS_POINT, args.shape)
     elapsed = time.perf_counter() - start
+    report(by_point, args, env, run_id, mask_check, loop_check, elapsed)
+    return 0
 
+
+def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None) -> None:
     suffix = "" if args.device == "cpu" else "_cuda"
     header = (
         f"Log-prob forward+backward, {args.device}, model `{args.shape}`, {args.threads} thread(s); run {run_id}; "
-        f"{env['machine']}; torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}. "
+        f"{env['machine']}; commit {env['commit']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"trl {env['trl']}. "
         f"Speedup and memory are GRPOTrainer's / ours; 'ours vs ref' is the reference's time / ours."
     )
     table = write_table(by_point, os.path.join(args.out_dir, f"logprob_latest{suffix}.md"), header)
@@ -466,13 +509,11 @@ def main(argv=None) -> int:
     print(f"CSV: {args.csv}")
 
     print("\nTargets:")
-    failures = 0
     for name, passed, detail in check_targets(by_point, mask_check, loop_check):
         status = "INFO" if passed is None else ("PASS" if passed else "FAIL")
-        failures += passed is False
         print(f"  [{status}] {name}\n         {detail}")
-    print(f"\nsweep took {elapsed / 60:.1f} min")
-    return 0
+    if elapsed is not None:
+        print(f"\nsweep took {elapsed / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_mask_check_and_reports(tiny_shape, tmp_path):
     by_point = {bench_logprob.TARGET_POINT: rows(3.8), common.Point(512, 64, 2): rows(1.5)}
     table = bench_logprob.write_table(by_point, str(tmp_path / "t.md"), "header")
     assert table.count("\n| 2048 | 128 | 8 |") == 1
-    assert len(bench_logprob.write_plots(by_point, str(tmp_path), "title")) == 2
+    assert len(bench_logprob.write_plots(by_point, str(tmp_path), "title")) == 3
     verdicts = {name: passed for name, passed, _ in bench_logprob.check_targets(by_point, check)}
     assert sorted(verdicts.values(), key=str) == sorted([True, True, True, False], key=str)
     common.append_csv(str(tmp_path / "r.csv"), [{"a": 1, "b": 2}])
