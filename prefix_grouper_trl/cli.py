@@ -23,7 +23,6 @@ Everything that can be checked before the model is loaded is checked first (reci
 dataset columns), so a bad recipe fails in seconds with a message that names the key or file.
 """
 
-import argparse
 import difflib
 import importlib
 import json
@@ -60,7 +59,9 @@ def make_parser(prog: str | None = f"{PROG} grpo"):
 
     # No abbreviations: `--learning_rat` must be an unknown key, not a silent `--learning_rate`.
     return TrlParser(
-        (GRPOScriptArguments, PrefixGroupedGRPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog, allow_abbrev=False
+        (GRPOScriptArguments, PrefixGroupedGRPOConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog,
+        allow_abbrev=False,
     )
 
 
@@ -176,7 +177,12 @@ def parse_grpo_args(argv: list[str]):
 
 def reward_function_registry() -> dict:
     """TRL's named reward functions (the same names ``trl grpo`` knows) and ours."""
-    from trl.rewards import accuracy_reward, get_soft_overlong_punishment, reasoning_accuracy_reward, think_format_reward
+    from trl.rewards import (
+        accuracy_reward,
+        get_soft_overlong_punishment,
+        reasoning_accuracy_reward,
+        think_format_reward,
+    )
 
     from .demo.rewards import key_lookup_reward, tldr_unigram_f1_reward
 
@@ -452,9 +458,13 @@ def write_run_report(trainer, output_dir: str, use_wandb: bool) -> dict:
             f"  mean reward   : {summary['reward_first']:.3f} over the first 20% of steps -> "
             f"{summary['reward_last']:.3f} over the last 20%"
         )
-    saved = [entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry]
+    saved = [
+        entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry
+    ]
     if saved:
-        lines.append(f"  prompt tokens not recomputed (Prefix Grouper): {100 * sum(saved) / len(saved):.1f}% on average")
+        lines.append(
+            f"  prompt tokens not recomputed (Prefix Grouper): {100 * sum(saved) / len(saved):.1f}% on average"
+        )
     print("\n".join(lines), flush=True)
     return report
 

@@ -53,7 +53,9 @@ def test_launcher_keys_are_split_off_for_accelerate(tmp_path):
 
 def test_misspelt_key_in_recipe(tmp_path):
     recipe = write_recipe(tmp_path, Path(TINY).read_text() + "\nlearnig_rate: 0.1\n")
-    with pytest.raises(RecipeError, match=r"Unknown key in recipe .*recipe\.yaml: 'learnig_rate' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        RecipeError, match=r"Unknown key in recipe .*recipe\.yaml: 'learnig_rate' \(did you mean 'learning_rate'\?\)"
+    ):
         parse_grpo_args(["--config", recipe])
 
 
@@ -92,8 +94,14 @@ def test_reward_functions_by_trl_name_by_our_name_and_by_dotted_path():
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("no_such_package.rewards.f", r"cannot import module 'no_such_package.rewards' for 'no_such_package.rewards.f'"),
-        ("prefix_grouper_trl.demo.rewards.missing", r"module 'prefix_grouper_trl.demo.rewards' has no attribute 'missing'"),
+        (
+            "no_such_package.rewards.f",
+            r"cannot import module 'no_such_package.rewards' for 'no_such_package.rewards.f'",
+        ),
+        (
+            "prefix_grouper_trl.demo.rewards.missing",
+            r"module 'prefix_grouper_trl.demo.rewards' has no attribute 'missing'",
+        ),
         ("acuracy_reward", r"unknown reward function 'acuracy_reward'"),
     ],
 )
@@ -109,7 +117,9 @@ def test_dataset_without_prompt_column(tmp_path):
     recipe = Path(TINY).read_text().replace("dataset_name: builtin:key-lookup", "")
     recipe += f"\ndatasets:\n  - path: json\n    data_files: {data}\n"
     script_args, training_args, _, dataset_args, *_ = parse_grpo_args(["--config", write_recipe(tmp_path, recipe)])
-    with pytest.raises(RecipeError, match=r"datasets: json, split 'train': no 'prompt' column \(columns: \['question', 'answer'\]\)"):
+    with pytest.raises(
+        RecipeError, match=r"datasets: json, split 'train': no 'prompt' column \(columns: \['question', 'answer'\]\)"
+    ):
         load_datasets(script_args, training_args, dataset_args)
 
 

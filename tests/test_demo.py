@@ -123,13 +123,22 @@ def test_demo_command_learns_and_reports(tmp_path):
     first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
     assert last > first + 0.08, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
 
-    saved = [entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry]
-    group_sizes = [entry["prefix_grouper/mean_group_size"] for entry in history if "prefix_grouper/mean_group_size" in entry]
+    saved = [
+        entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry
+    ]
+    group_sizes = [
+        entry["prefix_grouper/mean_group_size"] for entry in history if "prefix_grouper/mean_group_size" in entry
+    ]
     assert saved and min(saved) > 0.5 and set(group_sizes) == {8.0}
 
     plot = output_dir / "training_curves.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
-    for line in ("final model   : " + str(output_dir), "metric log    : ", "plot          : " + str(plot),
-                 "wandb (offline) : ", "mean reward   : "):
+    for line in (
+        "final model   : " + str(output_dir),
+        "metric log    : ",
+        "plot          : " + str(plot),
+        "wandb (offline) : ",
+        "mean reward   : ",
+    ):
         assert line in result.stdout, result.stdout[-2000:]

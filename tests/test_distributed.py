@@ -46,19 +46,20 @@ def test_cli_with_deepspeed_zero(stage, tmp_path):
 
 # Run under torchrun by `test_two_processes_share_within_each_and_match_grpo_trainer`: both trainers, one after the
 # other, on the same seeded data; every rank writes what it saw.
-WORKER = r'''
+WORKER = r"""
 import json, sys
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
 
 from prefix_grouper_trl import PrefixGroupedGRPOConfig, PrefixGroupedGRPOTrainer
-from prefix_grouper_trl.demo import KeyLookupTask, key_lookup_reward, make_key_lookup_dataset, materialize_builtin_model
+from prefix_grouper_trl.demo import KeyLookupTask, key_lookup_reward, make_key_lookup_dataset
+from prefix_grouper_trl.demo import materialize_builtin_model
 
 output = sys.argv[1]
 folder = materialize_builtin_model("builtin:tiny-qwen2")
-from transformers import AutoModelForCausalLM
-initial = {n: p.detach().flatten()[:64].tolist() for n, p in AutoModelForCausalLM.from_pretrained(folder).named_parameters()}
+initial_model = AutoModelForCausalLM.from_pretrained(folder)
+initial = {n: p.detach().flatten()[:64].tolist() for n, p in initial_model.named_parameters()}
 dataset = make_key_lookup_dataset(KeyLookupTask(context_words=24, num_train=64, num_test=0))["train"]
 result = {"initial": initial}
 for name, trainer_cls, config_cls in (
@@ -88,7 +89,7 @@ for name, trainer_cls, config_cls in (
     }
 with open(f"{output}/rank{trainer.accelerator.process_index}.json", "w") as handle:
     json.dump(result, handle)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -111,8 +112,21 @@ def test_two_processes_share_within_each_and_match_grpo_trainer(tmp_path):
     worker.write_text(WORKER)
     env = dict(os.environ, PREFIX_GROUPER_TRL_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(worker),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -128,10 +142,20 @@ def test_two_processes_share_within_each_and_match_grpo_trainer(tmp_path):
         # and the parameters after three optimizer steps (from its gradients) are the sharper comparisons.
         for key in ("losses", "entropies"):
             for step, (ours, reference) in enumerate(zip(grouped[key], grpo[key], strict=True)):
-                assert abs(ours - reference) <= 1e-5, f"rank {rank} step {step}: {key} {ours} vs GRPOTrainer {reference}"
-        moved = max(abs(a - b) for name, values in grpo["params"].items() for a, b in zip(values, seen["initial"][name]))
+                assert (
+                    abs(ours - reference) <= 1e-5
+                ), f"rank {rank} step {step}: {key} {ours} vs GRPOTrainer {reference}"
+        moved = max(
+            abs(a - b) for name, values in grpo["params"].items() for a, b in zip(values, seen["initial"][name])
+        )
         assert moved > 1e-3, "the run must train for the comparison to mean anything"
+        # fp32 rounding differs between the packed and the repeated forward, and Adam rescales each gradient by its
+        # own size, so compare each parameter relative to how far the reference run moved it.
         for name, values in grouped["params"].items():
-            worst = max(abs(a - b) for a, b in zip(values, grpo["params"][name]))
-            assert worst <= 1e-5, f"rank {rank}: parameter {name} differs from GRPOTrainer's by {worst}"
+            reference, initial = grpo["params"][name], seen["initial"][name]
+            worst = max(abs(a - b) for a, b in zip(values, reference))
+            moved_here = max(abs(a - b) for a, b in zip(reference, initial))
+            assert worst <= 1e-3 * moved_here + 1e-7, (
+                f"rank {rank}: parameter {name} differs from GRPOTrainer's by {worst} (the step moved it {moved_here})"
+            )
     assert ranks[0]["grouped"]["params"] == ranks[1]["grouped"]["params"], "the two processes drifted apart"

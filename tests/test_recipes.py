@@ -40,7 +40,9 @@ def test_recipe_command_parses(recipe, monkeypatch):
     argv = recipe_command(recipe)
     assert argv[argv.index("--config") + 1] == f"recipes/{recipe.name}"
     # GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU unless told it is a CPU.
-    script_args, training_args, model_args, dataset_args, launch_args, _ = parse_grpo_args(argv + ["--use_cpu", "true"])
+    script_args, training_args, model_args, dataset_args, launch_args, _ = parse_grpo_args(
+        argv + ["--use_cpu", "true"]
+    )
     assert training_args.prefix_grouping
     assert training_args.num_generations >= 2
     assert training_args.per_device_train_batch_size % training_args.num_generations == 0, "groups split across steps"

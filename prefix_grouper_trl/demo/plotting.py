@@ -51,7 +51,10 @@ def plot_training_curves(history: list[dict], path: str | Path) -> Path:
     reward_axis.plot(steps, rewards, color="tab:blue", alpha=0.35, label="mean reward per step")
     if len(rewards) >= 5:
         width = max(2, len(rewards) // 20)
-        smooth = [sum(rewards[max(0, i - width + 1) : i + 1]) / len(rewards[max(0, i - width + 1) : i + 1]) for i in range(len(rewards))]
+        smooth = [
+            sum(rewards[max(0, i - width + 1) : i + 1]) / len(rewards[max(0, i - width + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
         reward_axis.plot(steps, smooth, color="tab:blue", label=f"moving mean ({width} steps)")
     reward_axis.set_ylabel("reward")
     reward_axis.set_title("GRPO with Prefix Grouper")
