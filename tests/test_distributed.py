@@ -150,12 +150,13 @@ def test_two_processes_share_within_each_and_match_grpo_trainer(tmp_path):
         )
         assert moved > 1e-3, "the run must train for the comparison to mean anything"
         # fp32 rounding differs between the packed and the repeated forward, and Adam rescales each gradient by its
-        # own size, so compare each parameter relative to how far the reference run moved it.
+        # own size (a key bias, whose true gradient is ~0, moves on rounding noise alone), so compare each parameter
+        # relative to how far the reference run moved it; 6.5e-4 of it at worst when this was written.
         for name, values in grouped["params"].items():
             reference, initial = grpo["params"][name], seen["initial"][name]
             worst = max(abs(a - b) for a, b in zip(values, reference))
             moved_here = max(abs(a - b) for a, b in zip(reference, initial))
-            assert worst <= 1e-3 * moved_here + 1e-7, (
+            assert worst <= 5e-3 * moved_here + 1e-7, (
                 f"rank {rank}: parameter {name} differs from GRPOTrainer's by {worst} (the step moved it {moved_here})"
             )
     assert ranks[0]["grouped"]["params"] == ranks[1]["grouped"]["params"], "the two processes drifted apart"
