@@ -28,12 +28,13 @@ class PrefixGroupedGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.prefix_grouping_shuffle_groups and not self.prefix_grouping:
-            # Shuffling by groups only matters for sharing; with grouping off we keep TRL's behaviour bit for bit.
-            self.prefix_grouping_shuffle_groups = False
+        # Before TRL's own checks, whose message for this case does not name the key.
         if self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: GRPO needs at least 2 completions per prompt to compute "
                 "advantages. Set num_generations to 2 or more."
             )
+        super().__post_init__()
+        if self.prefix_grouping_shuffle_groups and not self.prefix_grouping:
+            # Shuffling by groups only matters for sharing; with grouping off we keep TRL's behaviour bit for bit.
+            self.prefix_grouping_shuffle_groups = False
