@@ -124,6 +124,19 @@ class GroupLayout:
         return out.view(self.batch_size, self.logits_to_keep)
 
 
+def _check_devices(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if input_ids.device != attention_mask.device:
+        raise ValueError(
+            f"input_ids is on {input_ids.device} but attention_mask on {attention_mask.device}; move both to the "
+            "model's device."
+        )
+    if input_ids.device.type == "meta":
+        raise ValueError(
+            "input_ids and attention_mask are on the meta device (shapes only, no values); prefix grouping reads the "
+            "token ids to find shared prompts. Pass real tensors on the model's device."
+        )
+
+
 def _check_padding(mask: torch.Tensor, side: str, name: str) -> None:
     steps = mask[:, 1:].to(torch.int8) - mask[:, :-1].to(torch.int8)
     bad = (steps < 0) if side == "left" else (steps > 0)
@@ -181,11 +194,7 @@ def build_group_layout(
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, L)."
         )
-    if input_ids.device != attention_mask.device:
-        raise ValueError(
-            f"input_ids is on {input_ids.device} but attention_mask on {attention_mask.device}; move both to the "
-            "model's device."
-        )
+    _check_devices(input_ids, attention_mask)
     batch_size, total_width = input_ids.shape
     if batch_size == 0:
         raise ValueError("Empty batch: prefix grouping needs at least one row.")
@@ -300,6 +309,7 @@ def plan_row_chunks(
     Returns:
         A list of `(n_i,)` long tensors of row indices, groups contiguous, covering every row once.
     """
+    _check_devices(input_ids, attention_mask)
     prompt_width = input_ids.size(1) - logits_to_keep
     mask = attention_mask.bool()
     prompt_lens = mask[:, :prompt_width].sum(1).tolist()

@@ -91,6 +91,25 @@ def _scored_positions_only(model, scored_positions: torch.Tensor):
         handle.remove()
 
 
+@contextlib.contextmanager
+def _tokens_left_out(args):
+    """
+    The training arguments with every `*_token` field (e.g. `hub_token`) set to None, restored on exit.
+
+    transformers pickles the whole arguments object into `training_args.bin` of every checkpoint and saved model; a
+    token given in the config would be stored there in clear (its own `to_dict`, used for logging, already masks the
+    same `*_token` fields).
+    """
+    tokens = {name: value for name, value in vars(args).items() if name.endswith("_token") and value is not None}
+    for name in tokens:
+        setattr(args, name, None)
+    try:
+        yield
+    finally:
+        for name, value in tokens.items():
+            setattr(args, name, value)
+
+
 def _expected_attention_layers(model) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = getattr(config, "layer_types", None)
@@ -235,6 +254,11 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
                 "interface, so the packed row would be computed without the split attention and give wrong "
                 "log-probs. Set prefix_grouping=False for this model."
             )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Checkpoints and `save_model` write `training_args.bin` here; keep tokens out of it.
+        with _tokens_left_out(self.args):
+            super()._save(output_dir, state_dict=state_dict)
 
     def _log_sharing(self, layouts: list[GroupLayout]) -> None:
         mode = "train" if self.model.training else "eval"
