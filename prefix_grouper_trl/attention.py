@@ -25,7 +25,8 @@ For each group, two calls of the model's own attention function (`sdpa` or `eage
        k = v (n, H_kv, P + C, D)  [prefix keys (expanded, shared) | the suffix's own keys]
        mask (n, 1, C, P + C)      prefix open, own keys causal, padding closed
 
-   The cheaper of `S (P + S)` and `n C (P + C)` query-key pairs is chosen per group.
+   Groups with several suffixes always take the batch: no pairs between suffixes, and a NaN in one completion stays
+   in its row as in the repeated forward (in a rectangle it would reach masked siblings through 0 x NaN).
 
 No mask over the whole packed row is ever built: masks are per group, built once per layout and shared by all
 layers. Calling the model's own function on each block keeps its scaling, GQA handling, softcapping (eager) and
@@ -106,11 +107,14 @@ def batched_suffix_mask(prefix_len: int, suffix_lens: list[int], device: torch.d
 
 
 def _batching_pays(prefix_len: int, suffix_lens: list[int]) -> bool:
-    total, longest = sum(suffix_lens), max(suffix_lens)
-    rectangle = total * (prefix_len + total)
-    # Copying the prefix keys for every suffix costs about a pair per key; demand a clear gain.
-    batched = len(suffix_lens) * longest * (prefix_len + longest) + len(suffix_lens) * prefix_len
-    return len(suffix_lens) > 1 and prefix_len > 0 and batched < 0.8 * rectangle
+    """
+    Whether a group's suffixes run as a padded batch rather than as one rectangle: whenever it has several.
+
+    Besides saving the `S x S` pairs between suffixes, the batch keeps each suffix's attention to its own prompt and
+    tokens only, as in the repeated forward: in the rectangle, another suffix's keys are masked but still multiplied
+    by zero, so a NaN in one completion would reach its siblings (0 x NaN), which the repeated forward never does.
+    """
+    return len(suffix_lens) > 1
 
 
 def _batched_plan(suffix_lens: list[int], device: torch.device) -> _BatchedSuffixes:
@@ -214,9 +218,16 @@ def split_attention(
     pieces = []
     for (group_query, group_key, group_value), (_, prefix_len, suffix_lens), plan in zip(groups, segments, plans):
         if prefix_len == 0:
-            suffix_out, _ = base_attention(
-                module, group_query, group_key, group_value, plan.suffix_mask, is_causal=False, **kwargs
-            )
+            if plan.batched is None:
+                suffix_out, _ = base_attention(
+                    module, group_query, group_key, group_value, plan.suffix_mask, is_causal=False, **kwargs
+                )
+            else:
+                no_prefix_key, no_prefix_value = group_key[:, :, :0], group_value[:, :, :0]
+                suffix_out = _batched_suffix_attention(
+                    base_attention, module, group_query, no_prefix_key, no_prefix_value, group_key, group_value, plan,
+                    **kwargs,
+                )
             pieces.append(suffix_out)
             continue
         sizes = [prefix_len, group_query.size(2) - prefix_len]

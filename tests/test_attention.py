@@ -121,4 +121,4 @@ def test_batched_suffix_path_is_exercised():
 
     layout = build_group_layout(*layout_batch("batched_suffixes"))
     plans = _group_plans(layout, torch.device("cpu"), None)
-    assert [plan.batched is not None for plan in plans] == [True, False]
+    assert [plan.batched is not None for plan in plans] == [True, True]

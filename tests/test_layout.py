@@ -83,9 +83,9 @@ def test_batched_suffix_plan_and_mask():
     # Suffix tokens 0-1 | 2 | 3-5, padded to 3 slots each; padding repeats the suffix's last token.
     assert plan.gather.tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 5]
     assert plan.valid.tolist() == [0, 1, 3, 6, 7, 8]
-    assert _batching_pays(prefix_len=6, suffix_lens=[5, 1, 5, 5, 4])  # 305 pairs vs 520
-    assert not _batching_pays(prefix_len=2, suffix_lens=[2, 2])  # 20 vs 24: too close
-    assert not _batching_pays(prefix_len=0, suffix_lens=[5, 5, 5])  # nothing shared
+    assert _batching_pays(prefix_len=6, suffix_lens=[5, 1, 5, 5, 4])
+    assert _batching_pays(prefix_len=0, suffix_lens=[5, 5, 5])
+    assert not _batching_pays(prefix_len=6, suffix_lens=[5])  # a single suffix is already its own rectangle
 
 
 def test_row_chunks_follow_the_token_budget():

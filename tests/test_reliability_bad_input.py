@@ -169,11 +169,10 @@ def test_empty_batch_reaching_the_trainer(trainer, batch_size):
 
 NAN_TOKEN = 3  # make_batch draws real tokens from 4..63, so only the positions we set use it
 # Two groups: rows 0-2 share prompt A (6 tokens), rows 3-4 share prompt B (5 tokens). The split attention runs group
-# A's completions either as one rectangle against [prompt | all completions] (short completions) or batched, one row
-# per completion against [prompt | own completion] (long ones); NaN spreads differently in the two.
+# A's completions batched, one row per completion against [prompt | own completion], for short and long completions.
 NAN_BATCHES = {
-    "rectangle": dict(prompt_lens=[6, 6, 6, 5, 5], completion_lens=[4, 3, 2, 4, 1], group_of_row=[0, 0, 0, 1, 1]),
-    "batched": dict(prompt_lens=[6, 6, 6, 5, 5], completion_lens=[8, 7, 8, 4, 1], group_of_row=[0, 0, 0, 1, 1]),
+    "short": dict(prompt_lens=[6, 6, 6, 5, 5], completion_lens=[4, 3, 2, 4, 1], group_of_row=[0, 0, 0, 1, 1]),
+    "long": dict(prompt_lens=[6, 6, 6, 5, 5], completion_lens=[8, 7, 8, 4, 1], group_of_row=[0, 0, 0, 1, 1]),
 }
 SUFFIX_PATHS = list(NAN_BATCHES)
 
@@ -194,9 +193,10 @@ def nan_trainer(tmp_path_factory):
     return trainer
 
 
-def nan_batch(where: str, suffix_path: str = "rectangle"):
+def nan_batch(where: str, suffix_path: str = "short"):
     input_ids, attention_mask, logits_to_keep = make_batch(**NAN_BATCHES[suffix_path])
-    assert suffix_path_of_group_a((input_ids, attention_mask, logits_to_keep)) == suffix_path
+    # Every multi-completion group is batched (attention.py), so both batches now take that path.
+    assert suffix_path_of_group_a((input_ids, attention_mask, logits_to_keep)) == "batched"
     prompt_width = input_ids.size(1) - logits_to_keep
     if where == "prompt of group A":
         input_ids[0:3, prompt_width - 3] = NAN_TOKEN
@@ -229,8 +229,7 @@ def test_nan_in_a_prompt_propagates_exactly_as_in_grpo_trainer(nan_trainer, suff
 @pytest.mark.parametrize("suffix_path", SUFFIX_PATHS)
 def test_nan_in_a_completion_is_never_hidden(nan_trainer, suffix_path):
     """
-    Every position NaN in GRPOTrainer's output is NaN in ours, and the other group is untouched. On the rectangle path
-    ours is NaN at more positions: the other completions of the same prompt (see the xfail below).
+    Every position NaN in GRPOTrainer's output is NaN in ours, and the other group is untouched.
     """
     batch = nan_batch("completion of row 0", suffix_path)
     ref_logps, ref_entropies, _ = parent_logps(nan_trainer, nan_trainer.model, *batch)
@@ -243,15 +242,7 @@ def test_nan_in_a_completion_is_never_hidden(nan_trainer, suffix_path):
         assert not extra[3:].any(), f"{name}: NaN leaked into another group"
 
 
-RECTANGLE_SPREADS_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="Known difference (docs/RELIABILITY.md): on the rectangle path a NaN hidden state in one completion "
-    "reaches the other completions of the same prompt, whose attention has it as a masked key (0 x NaN in "
-    "probs @ values); in GRPOTrainer's forward only the row itself is NaN. The training loss is NaN in both.",
-)
-
-
-@pytest.mark.parametrize("suffix_path", [pytest.param("rectangle", marks=RECTANGLE_SPREADS_NAN), "batched"])
+@pytest.mark.parametrize("suffix_path", SUFFIX_PATHS)
 def test_nan_in_a_completion_stays_in_its_row(nan_trainer, suffix_path):
     batch = nan_batch("completion of row 0", suffix_path)
     ref_logps, _, _ = parent_logps(nan_trainer, nan_trainer.model, *batch)
@@ -266,7 +257,7 @@ def test_nan_in_the_pad_embedding_is_ignored_as_the_mask_says(tmp_path):
     with any finite pad embedding.
     """
     trainer = make_trainer(tmp_path, tiny_model("qwen2"))
-    batch = make_batch(**NAN_BATCHES["rectangle"])  # pad id 0 left of group B, right of short completions
+    batch = make_batch(**NAN_BATCHES["short"])  # pad id 0 left of group B, right of short completions
     clean_ref, clean_ref_entropies, _ = parent_logps(trainer, trainer.model, *batch)
     with torch.no_grad():
         trainer.model.model.embed_tokens.weight[0] = float("nan")
