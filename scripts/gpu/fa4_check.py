@@ -61,8 +61,8 @@ def fa4_varlen_fn():
 
 
 def torch_varlen_fn():
-    """torch's varlen flash kernel, causal bottom-right; `enable_gqa` exists only from torch 2.12 on (2.11's flash
-    path takes fewer kv heads as they are)."""
+    """torch's varlen flash kernel, causal bottom-right. torch 2.11 has no `enable_gqa` keyword (its flash path takes
+    fewer kv heads as they are); newer torch has it."""
     from torch.nn.attention.varlen import varlen_attn
 
     gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}

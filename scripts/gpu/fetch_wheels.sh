@@ -2,24 +2,22 @@
 # bash scripts/gpu/fetch_wheels.sh [--fa4] [--wandb]
 #
 # Run HERE (a machine with the package index), before a GPU session: fetches the Python packages the GPU image lacks,
-# as wheels for its Python 3.12 on x86-64, into ignored folders that the device tool's `carry` sends along
-# (docs/GPU_CHECKS.md says which folder goes with which call, and scripts/gpu/run_checks.sh installs them there).
+# for its Python 3.12 on x86-64, into ignored folders that the device tool's `carry` sends along. docs/GPU_CHECKS.md
+# says which folder goes with which call; scripts/gpu/run_checks.sh installs them there.
 #
-#   .gpu_wheels/        always: trl, transformers (the image has 5.17; we need >= 5.20), datasets and the deps the
-#                       image lacks, deepspeed (built here from its sdist, DS_BUILD_OPS=0: a pure-Python wheel that
-#                       JIT-builds ops on first use) and its deps, the paper's prefix_grouper (benchmark baseline),
-#                       this package.
-#                       requirements.txt in it names what run_checks.sh installs.                          (~22 MB)
-#   .gpu_fa4/part0/     --fa4: flash-attn-4 needs nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel (one 193 MB .so) that
-#   .gpu_fa4/part1/     cannot travel in one call (64 MiB for the tree and every carried path). It is unpacked, packed
-#                       again with xz (~64 MB) and split in two; part1 also holds the small fa4 wheels. Call A carries
-#                       part0 and stashes it on the device machine, call B carries part1 and joins them, which works
-#                       only while the machine is still warm from call A. Takes ~8 minutes here (xz on 2 cores).
-#   .gpu_wheels_wandb/  --wandb: wandb and its deps (~23 MB); carry it instead of a .gpu_fa4 part.
+#   .gpu_wheels/        always (~20.4 MiB): trl, transformers (the image has 5.17, we need >= 5.20), datasets and the
+#                       deps of these the image lacks, deepspeed (built here from its sdist with DS_BUILD_OPS=0: a
+#                       pure-Python wheel, ops would JIT-build on first use) and its deps, the paper's prefix_grouper
+#                       (benchmark baseline), this package. requirements.txt names what run_checks.sh installs.
+#   .gpu_fa4/           --fa4 (~60 MiB; a call of its own): flash-attn 4 and its CuTe DSL runtime. The runtime wheel,
+#                       nvidia-cutlass-dsl-libs-cu13, is 92 MB around one 193 MB x86-64 library: unpacked here and
+#                       packed again with xz's x86 filter it is ~52 MB, which fits one call beside the small wheels.
+#                       Takes 10-20 minutes here (xz, single-threaded); kept while its versions do not change.
+#   .gpu_wheels_wandb/  --wandb (~20.8 MiB): wandb and its deps, for an offline-logging check beside .gpu_wheels.
 #
-# Everything else the code needs is in the image: torch 2.11+cu130, accelerate 1.15, huggingface_hub 1.33, tokenizers
-# 0.23.2, safetensors 0.8.0, peft, pyarrow, pandas, numpy, einops, msgpack, ninja, py-cpuinfo, psutil, pytest (the
-# device page's package list). Pins below are this repository's tested versions.
+# Everything else the code needs is in the image (the device page's package list): torch 2.11+cu130, accelerate 1.15,
+# huggingface_hub 1.33, tokenizers 0.23.2, safetensors 0.8.0, peft, pyarrow, pandas, numpy, einops, msgpack, ninja,
+# py-cpuinfo, psutil, pytest. The pins below are the versions this repository is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
@@ -30,7 +28,7 @@ for arg in "$@"; do
   case "$arg" in
     --fa4) WITH_FA4=1 ;;
     --wandb) WITH_WANDB=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,10 +87,12 @@ WANDB_WHEELS=(
   protobuf==7.36.2
   platformdirs==4.14.7
 )  # pydantic and its three come with .gpu_wheels
+# flash-attn 4's needs beyond the image (which has torch, einops, typing-extensions, cuda-bindings, protobuf).
 FA4_SMALL_WHEELS=(
   flash-attn-4==4.0.0b36
   nvidia-cutlass-dsl==4.8.1
   nvidia-cutlass-dsl-libs-base==4.8.1
+  nvidia-cutlass-dsl-libs-core==4.8.1
   apache-tvm-ffi==0.1.15.post2
   torch-c-dlpack-ext==0.1.5
   quack-kernels==0.6.5
@@ -123,7 +123,8 @@ fetch .gpu_wheels "${CORE_WHEELS[@]}"
 # deepspeed publishes only an sdist. Built here without ops it is a py3-none-any wheel; the accelerator it records
 # ('cpu' here) only matters for prebuilt ops, of which it has none: on the GPU machine it detects CUDA at run time.
 build=$(mktemp -d)
-"$PYTHON" -m pip download -q --no-deps --no-binary=:all: -d "$build" "$DEEPSPEED"
+"$PYTHON" -m pip download -q --no-deps --no-binary=:all: -d "$build" "$DEEPSPEED" \
+  2> >(grep -v "is ignored: it is neither" >&2)
 DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w .gpu_wheels "$build"/deepspeed-*.tar.gz
 rm -rf "$build"
 
@@ -147,23 +148,29 @@ fi
 
 # ---------------------------------------------------------------------------------------------------------------------
 if [ "$WITH_FA4" = 1 ]; then
-  echo "== .gpu_fa4/ (xz of the 193 MB CuTe DSL library: several minutes)"
+  echo "== .gpu_fa4/"
   ensure_ignored .gpu_fa4
-  rm -rf .gpu_fa4 && mkdir -p .gpu_fa4/part0 .gpu_fa4/part1/wheels
-  fetch .gpu_fa4/part1/wheels "${FA4_SMALL_WHEELS[@]}"
-  work=$(mktemp -d)
-  fetch "$work" "$FA4_BIG_WHEEL"
-  mkdir "$work/tree"
-  (cd "$work/tree" && "$PYTHON" -m zipfile -e "$work"/nvidia_cutlass_dsl_libs_cu13-*.whl .)
-  # Only the x86-64 library travels: the aarch64/QNX stubs are not needed on the device machine.
-  rm -rf "$work"/tree/nvidia_cutlass_dsl/cu13/lib/stubs
-  tar -C "$work/tree" -cf - . | xz -9 -T0 > "$work/cutlass_cu13.tar.xz"
-  # part0: the first 33 MB, part1: the rest (two calls; see the header).
-  split -b 33000000 -d -a 1 "$work/cutlass_cu13.tar.xz" "$work/cutlass_cu13.tar.xz.part"
-  mv "$work/cutlass_cu13.tar.xz.part0" .gpu_fa4/part0/
-  mv "$work/cutlass_cu13.tar.xz.part1" .gpu_fa4/part1/
-  sha256sum "$work/cutlass_cu13.tar.xz" | cut -d' ' -f1 > .gpu_fa4/part1/cutlass_cu13.tar.xz.sha256
-  rm -rf "$work"
+  rm -rf .gpu_fa4/wheels && mkdir -p .gpu_fa4/wheels
+  fetch .gpu_fa4/wheels "${FA4_SMALL_WHEELS[@]}"
+  stamp="$FA4_BIG_WHEEL xz-x86-9e"
+  if [ -f .gpu_fa4/STAMP ] && [ "$(cat .gpu_fa4/STAMP)" = "$stamp" ] && [ -f .gpu_fa4/cutlass_cu13.tar.xz ]; then
+    echo "   cutlass_cu13.tar.xz is up to date (delete .gpu_fa4/STAMP to build it again)"
+  else
+    echo "   packing the 193 MB CuTe DSL library with xz: 10-20 minutes"
+    rm -f .gpu_fa4/STAMP .gpu_fa4/cutlass_cu13.tar.xz*
+    work=$(mktemp -d)
+    fetch "$work" "$FA4_BIG_WHEEL"
+    mkdir "$work/tree"
+    (cd "$work/tree" && "$PYTHON" -m zipfile -e "$work"/nvidia_cutlass_dsl_libs_cu13-*.whl .)
+    # Only the x86-64 library travels: the aarch64/QNX stubs are of no use on the device machine.
+    rm -rf "$work"/tree/nvidia_cutlass_dsl/cu13/lib/stubs
+    # The x86 branch filter makes the machine code ~20% more compressible (52 MB instead of 64 MB); one thread,
+    # so that the whole library is one block with one dictionary.
+    tar -C "$work/tree" -cf - . | xz --x86 --lzma2=preset=9e,dict=256MiB -T1 > .gpu_fa4/cutlass_cu13.tar.xz
+    (cd .gpu_fa4 && sha256sum cutlass_cu13.tar.xz > cutlass_cu13.tar.xz.sha256)
+    rm -rf "$work"
+    echo "$stamp" > .gpu_fa4/STAMP
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,22 +182,21 @@ if [ -d shared ]; then
   tree_bytes=$((tree_bytes + $(du -sb shared | cut -f1)))
 fi
 size() { if [ -e "$1" ]; then du -sb "$1" | cut -f1; else echo 0; fi; }
-core=$(size .gpu_wheels); p0=$(size .gpu_fa4/part0); p1=$(size .gpu_fa4/part1); wb=$(size .gpu_wheels_wandb)
-ls -l .gpu_wheels | awk 'NR > 1 {printf "  %10d  %s\n", $5, $9}'
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 status=0
 check_call() {  # check_call NAME BYTES
   local verdict=fits
   if [ "$2" -gt 67108864 ]; then verdict="DOES NOT FIT"; status=1; fi
-  printf '  %-52s %10d bytes (%s)  %s\n' "$1" "$2" "$(mib "$2")" "$verdict"
+  printf '  %-48s %10d bytes (%s)  %s\n' "$1" "$2" "$(mib "$2")" "$verdict"
 }
-echo "working tree: $tree_bytes bytes ($(mib "$tree_bytes")); .gpu_wheels: $core bytes ($(mib "$core"))"
+for folder in .gpu_wheels .gpu_wheels_wandb .gpu_fa4 .gpu_fa4/wheels; do
+  [ -d "$folder" ] || continue
+  echo "$folder/:"
+  find "$folder" -maxdepth 1 -type f -printf '  %10s  %f\n' | sort -k2
+done
+core=$(size .gpu_wheels); fa4=$(size .gpu_fa4); wandb=$(size .gpu_wheels_wandb)
+echo "working tree: $tree_bytes bytes ($(mib "$tree_bytes"))"
 check_call "call with .gpu_wheels" $((tree_bytes + core))
-if [ "$p0" -gt 0 ]; then
-  check_call "call A: .gpu_wheels + .gpu_fa4/part0" $((tree_bytes + core + p0))
-  check_call "call B: .gpu_wheels + .gpu_fa4/part1" $((tree_bytes + core + p1))
-fi
-if [ "$wb" -gt 0 ]; then
-  check_call "a call with .gpu_wheels + .gpu_wheels_wandb" $((tree_bytes + core + wb))
-fi
+[ "$wandb" -gt 0 ] && check_call "call with .gpu_wheels + .gpu_wheels_wandb" $((tree_bytes + core + wandb))
+[ "$fa4" -gt 0 ] && check_call "call with .gpu_fa4 alone" $((tree_bytes + fa4))
 exit $status

@@ -4,15 +4,14 @@
 # Run ON THE GPU MACHINE through the device tool, from the repository root, with the wheels of
 # scripts/gpu/fetch_wheels.sh carried along (docs/GPU_CHECKS.md has the exact calls). Stages run in the order given:
 #
-#   tests       pytest tests/test_gpu.py: every GPU attention path vs an fp64 reference, bf16 and fp32
-#   deepspeed   pytest tests/test_gpu_deepspeed.py: ZeRO-2 and ZeRO-3 GRPO steps, grouped vs GRPOTrainer vs fp32
-#   fa4-stash   keep .gpu_fa4/part0 on this machine for a following call (flash-attn 4 travels in two parts)
-#   fa4         join the stashed part0 with .gpu_fa4/part1, install flash-attn 4 aside, run scripts/gpu/fa4_check.py
-#   bench       python -m benchmarks.bench_logprob --device cuda --out-dir $OUT/bench BENCHMARK_ARGS
+#   tests       pytest tests/test_gpu.py: every GPU attention path vs an fp64 reference, bf16 and fp32   (.gpu_wheels)
+#   deepspeed   pytest tests/test_gpu_deepspeed.py: ZeRO-2/3 GRPO steps, grouped vs GRPOTrainer vs fp32   (.gpu_wheels)
+#   bench       python -m benchmarks.bench_logprob --device cuda --out-dir $OUT/bench BENCHMARK_ARGS      (.gpu_wheels)
+#   fa4         unpack flash-attn 4 aside, run scripts/gpu/fa4_check.py (torch + this checkout only)    (.gpu_fa4)
 #
-# Before the first stage it always prints the machine (GPU, python, torch, transformers, whether torch has
-# torch.nn.attention.varlen) and installs .gpu_wheels (and .gpu_wheels_wandb if carried) into the image's python,
-# once per machine. Each stage has its own time limit, cut so that the whole command ends before
+# Before the first stage it prints the machine (GPU, python, torch, transformers, whether torch has
+# torch.nn.attention.varlen) and installs .gpu_wheels (and .gpu_wheels_wandb) into the image's python when they
+# were carried, once per machine. Each stage has its own time limit, cut so that the whole command ends before
 # PG_GPU_DEADLINE_S (default 570 s, under the tool's 600 s), and writes its log to $OUT/<stage>.log; $OUT/summary.txt
 # gets the machine report and one status line per stage. The exit status is the number of failed stages.
 set -uo pipefail
@@ -23,7 +22,6 @@ DEADLINE_S=${PG_GPU_DEADLINE_S:-570}
 OUT=${OUT:-/tmp/pg_gpu_out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
-STASH=/var/tmp/pg_gpu_stash   # outlives a call while the machine stays warm, not a fresh machine
 PY=${PYTHON:-python3}
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -36,13 +34,13 @@ BENCH_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --) shift; BENCH_ARGS=("$@"); break ;;
-    tests|deepspeed|fa4-stash|fa4|bench) STAGES+=("$1") ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "unknown stage: $1 (tests, deepspeed, fa4-stash, fa4, bench)" >&2; exit 2 ;;
+    tests|deepspeed|bench|fa4) STAGES+=("$1") ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "unknown stage: $1 (tests, deepspeed, bench, fa4)" >&2; exit 2 ;;
   esac
   shift
 done
-[ ${#STAGES[@]} -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ ${#STAGES[@]} -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -94,8 +92,8 @@ install_wheels() {
     return 0
   fi
   if [ ! -f .gpu_wheels/requirements.txt ]; then
-    say "== no .gpu_wheels/ here: run scripts/gpu/fetch_wheels.sh first and name .gpu_wheels in carry"
-    return 1
+    say "== no .gpu_wheels/ carried: nothing installed (tests, deepspeed and bench need it; fa4 does not)"
+    return 2
   fi
   local links=(--find-links .gpu_wheels) reqs=(-r .gpu_wheels/requirements.txt) start=$(date +%s) status
   if [ -f .gpu_wheels_wandb/requirements.txt ]; then
@@ -132,31 +130,22 @@ stage_deepspeed() {
     -p no:cacheprovider > "$OUT/deepspeed.log" 2>&1
 }
 
-stage_fa4_stash() {
-  if ! ls .gpu_fa4/part0/cutlass_cu13.tar.xz.part0 > /dev/null 2>&1; then
-    echo "no .gpu_fa4/part0 carried (fetch_wheels.sh --fa4, then carry .gpu_fa4/part0)"; return 1
-  fi
-  mkdir -p "$STASH" && cp .gpu_fa4/part0/cutlass_cu13.tar.xz.part0 "$STASH/" && ls -l "$STASH"
-}
-
 stage_fa4() {
   local site=/var/tmp/pg_fa4_site
   if [ ! -f "$site/.complete" ]; then
-    if [ ! -f "$STASH/cutlass_cu13.tar.xz.part0" ]; then
-      echo "part0 is not on this machine: it was not stashed by a call on this same machine (the machine went back"
-      echo "between the calls). flash-attn 4 NOT checked. Make the two calls back to back (docs/GPU_CHECKS.md)."
-      return 3
+    if [ ! -f .gpu_fa4/cutlass_cu13.tar.xz ]; then
+      echo "no .gpu_fa4/ carried: run scripts/gpu/fetch_wheels.sh --fa4 and carry .gpu_fa4 (alone: it is ~60 MiB)"
+      return 1
     fi
-    if [ ! -f .gpu_fa4/part1/cutlass_cu13.tar.xz.part1 ]; then echo "no .gpu_fa4/part1 carried"; return 1; fi
-    cat "$STASH/cutlass_cu13.tar.xz.part0" .gpu_fa4/part1/cutlass_cu13.tar.xz.part1 > /var/tmp/cutlass_cu13.tar.xz
-    echo "$(cat .gpu_fa4/part1/cutlass_cu13.tar.xz.sha256)  /var/tmp/cutlass_cu13.tar.xz" | sha256sum -c - || return 1
+    (cd .gpu_fa4 && sha256sum -c cutlass_cu13.tar.xz.sha256) || return 1
     rm -rf "$site" && mkdir -p "$site"
-    "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2])" \
-      /var/tmp/cutlass_cu13.tar.xz "$site" || return 1
-    rm -f /var/tmp/cutlass_cu13.tar.xz
     # Aside from the image's site-packages: flash-attn 4's `flash_attn` package must not look like flash-attn 2 to
     # the other stages. nvidia-cutlass-dsl puts its dsl_packages on the path through a .pth, which --target skips.
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu_fa4/part1/wheels/*.whl || return 1
+    # The wheels first: pip --target skips a top-level folder that already exists (nvidia_cutlass_dsl/, which the
+    # runtime archive also fills), while unpacking the archive afterwards merges into it.
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu_fa4/wheels/*.whl || return 1
+    "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" \
+      .gpu_fa4/cutlass_cu13.tar.xz "$site" || return 1
     touch "$site/.complete"
   fi
   PYTHONPATH="$site:$site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH" \
@@ -179,11 +168,12 @@ stage_bench() {
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
 say "== run_checks.sh ${STAGES[*]} ${BENCH_ARGS[@]+-- ${BENCH_ARGS[*]}} (commit $commit)"
 machine_report "as found"
-if install_wheels; then
-  machine_report "after installing the carried wheels" > /dev/null  # into the summary only
-else
-  say "(install failed: the stages below run on whatever the image has)"
-fi
+install_wheels
+case $? in
+  0) machine_report "after installing the carried wheels" > /dev/null ;;  # into the summary only
+  2) ;;
+  *) say "(install failed: the stages below run on whatever the image has)" ;;
+esac
 
 for stage in "${STAGES[@]}"; do
   if [ $(( DEADLINE_S - $(elapsed) )) -lt 20 ]; then
@@ -195,7 +185,6 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     tests) stage_tests; status=$?; detail="$(tail -1 "$OUT/tests.log")" ;;
     deepspeed) stage_deepspeed; status=$?; detail="$(tail -1 "$OUT/deepspeed.log")" ;;
-    fa4-stash) stage_fa4_stash >> "$SUMMARY" 2>&1; status=$?; detail="" ;;
     fa4) stage_fa4 > "$OUT/fa4.log" 2>&1; status=$?; detail="$(tail -1 "$OUT/fa4.log")" ;;
     bench) stage_bench >> "$OUT/bench.log" 2>&1; status=$?
            # The harness's target verdicts (the lines under "Targets:"), else its last line.
