@@ -233,7 +233,6 @@ def build_group_layout(
     suffix_lens_t = completion_lens[kept_rows]
     segments_per_group = members_per_group + 1
     num_segments = int(segments_per_group.sum())
-    segment_group = torch.repeat_interleave(torch.arange(num_groups, device=device), segments_per_group)
     first_segment_of_group = torch.cumsum(segments_per_group, 0) - segments_per_group
     is_prefix_segment = torch.zeros(num_segments, dtype=torch.bool, device=device)
     is_prefix_segment[first_segment_of_group] = True

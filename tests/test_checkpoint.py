@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import grpo_args, prompt_dataset, tiny_model, tiny_tokenizer, token_count_reward
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -23,14 +22,6 @@ TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_
 # Written by the grouped forward into process memory only; none of these may appear in a checkpoint.
 GROUPED_MARKERS = (b"prefix_grouped_", b"prefix_group_layout", b"_mask_cache", b"GroupLayout")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one intra-op thread than on two busy cores; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class StopAt(TrainerCallback):

@@ -42,14 +42,6 @@ LOOP_WARMUP = 40
 LOOP_RSS_BOUND_MIB = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one intra-op thread than on two busy cores; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _malloc_trim():
     """glibc keeps freed heap pages; trimming first makes RSS track live memory instead of allocator history."""

@@ -72,14 +72,6 @@ def _lengths(low: int, high: int, short: int):
     return st.one_of(st.integers(low, short), st.integers(low, high))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one intra-op thread than on two busy cores; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @dataclass
 class GroupSpec:

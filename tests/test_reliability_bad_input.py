@@ -26,14 +26,6 @@ from prefix_grouper_trl.integration import check_model_supported, enable_prefix_
 from prefix_grouper_trl.layout import build_group_layout, plan_row_chunks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one intra-op thread than on two busy cores; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make_trainer(output_dir, model, **overrides):
     return PrefixGroupedGRPOTrainer(
