@@ -14,6 +14,7 @@ attention builds its own block masks, and the model must not build a (T x T) mas
 
 import contextlib
 import contextvars
+import inspect
 import sys
 from functools import partial
 
@@ -64,11 +65,14 @@ def _torch_varlen(query: torch.Tensor, key: torch.Tensor, dropout: float, softca
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    enable_gqa = query.size(1) != key.size(1)
+    extra = {}
+    # torch 2.11's varlen_attn has no `enable_gqa` (its flash kernel takes fewer kv heads as they are); newer ones do.
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        extra["enable_gqa"] = query.size(1) != key.size(1)
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         # window (-1, 0): causal, aligned bottom-right as in flash-attn.
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=enable_gqa)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **extra)
 
     return varlen
 
