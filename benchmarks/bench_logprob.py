@@ -437,6 +437,8 @@ def parse_args(argv=None):
                         help=f"skip points whose repeated forward exceeds this (CPU default {DEFAULT_MAX_TRL_TFLOP})")
     parser.add_argument("--no-targets", action="store_true", help="skip the target points and the mask check")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--run-id", help="label of this run in the CSV (default: its start time); reuse one to add "
+                        "points to an earlier run")
     parser.add_argument("--report-only", nargs="?", const="latest", metavar="RUN_ID",
                         help="measure nothing: rewrite the table, plots and targets from a run in the CSV")
     args = parser.parse_args(argv)
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
         report(by_point, args, env, run_id, None, None, None)
         return 0
     env = environment()
-    run_id = env["date"]
+    run_id = args.run_id or env["date"]
     if args.targets:
         points = []
     elif args.quick:

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 import trl.trainer.grpo_trainer as trl_grpo_module
+import trl.trainer.utils as trl_utils_module
 from trl import GRPOTrainer
 
+from .head import scored_logprobs
 from .integration import LAYOUT_KWARG, enable_prefix_grouping, grouped_forward
 from .layout import GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
 
@@ -67,6 +69,48 @@ def _group_shuffle_in_trl():
         yield
     finally:
         trl_grpo_module.shuffle_sequence_dict = original
+
+
+class _CpuLogProbHead:
+    """
+    Stands in for TRL's `ChunkedLogProbFunction` (same `apply` signature and outputs) while our forward runs: float32
+    CPU calls that ask for log-probs and entropies go to `head.ScoredLogProbFunction`, which gives the same values in
+    far fewer passes over the logits than TRL's torch fallback for devices without Triton; every other call (GPU,
+    other dtypes or autocast, other outputs) goes to TRL's function unchanged.
+    """
+
+    original = trl_utils_module._ChunkedLogProbFunction
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        eligible = (
+            hidden.device.type == "cpu"
+            and hidden.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu")
+            and set(outputs) <= {"log_probs", "entropy"}
+        )
+        if not eligible:
+            return cls.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                      final_logit_softcapping, logit_scale, outputs)
+        logprobs, entropy = scored_logprobs(
+            hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
+            compute_entropy="entropy" in outputs, gather=trl_utils_module.maybe_gather_lm_head_ctx,
+        )
+        return logprobs, entropy, None, None, None
+
+
+@contextlib.contextmanager
+def _cpu_head_in_trl():
+    # TRL's fused forward looks its head function up as a module global on every call; the swap covers our forward
+    # only (the backward runs the function recorded in the graph), so GRPOTrainer elsewhere is untouched.
+    original = trl_utils_module._ChunkedLogProbFunction
+    trl_utils_module._ChunkedLogProbFunction = _CpuLogProbHead
+    try:
+        yield
+    finally:
+        trl_utils_module._ChunkedLogProbFunction = original
 
 
 @contextlib.contextmanager
@@ -238,8 +282,9 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         inner = self._transformers_model(model)
-        with grouped_forward(), _scored_positions_only(inner, layout.scored_positions), self.accelerator.autocast():
-            outputs = model(**model_inputs, fused_lm_head=True)
+        with grouped_forward(), _scored_positions_only(inner, layout.scored_positions), _cpu_head_in_trl():
+            with self.accelerator.autocast():
+                outputs = model(**model_inputs, fused_lm_head=True)
         self._check_layout_consumed(inner, layout)
         logps = layout.scatter_scored_to_rows(outputs.log_probs)
         entropies = layout.scatter_scored_to_rows(outputs.entropy) if compute_entropy else None

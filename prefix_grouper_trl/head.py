@@ -1,0 +1,162 @@
+"""
+Per-token log-probabilities and entropies of `hidden @ weight.T` for CPU, in fewer passes over the logits.
+
+TRL's fused LM head (`trl.kernels.ChunkedLogProbFunction`) folds each `(tokens, vocab)` tile of logits into online
+log-sum-exp statistics with a Triton kernel; on devices without Triton it runs the same fold as a dozen and a half
+separate torch element-wise ops per tile, forward and backward, and those passes cost more than the projection
+itself on a CPU. `ScoredLogProbFunction` computes the same quantities with full-vocabulary rows:
+
+    forward   z = transform(h @ W.T)           (N, V) one token tile at a time; `transform` = TRL's scaling, softcap, 1/T
+              log_z = logsumexp(z); log_p = z - log_z   in place
+              logp_target = log_p[n, target[n]]
+              entropy = -<exp(log_p), log_p>   one batched row-dot
+    backward  recompute z; log_p = z - log_z (saved log_z, in place); p = exp(log_p)
+              dz = -p * (g_lp + g_ent * (log_p + entropy))  +  g_lp * onehot(target)
+                                               one addcmul and one in-place mul, then an N-element scatter
+              dh += dz @ W,  dW += dz.T @ h,  db += dz.sum(0)
+
+It gives TRL's values up to float32 rounding (the tests compare both, and a float64 reference). It covers what TRL's
+head is asked for by `GRPOTrainer` (log-probs, with or without entropy) in float32; the caller keeps TRL's own
+function for anything else (see `trainer._cpu_head_in_trl`). Torch only.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+# Elements of one logits tile: 2**24 fp32 values = 64 MiB, e.g. 2048 tokens of an 8192-token vocabulary or 110 of
+# Qwen2.5's 151936. The forward and the backward each hold two or three such buffers at a time.
+TILE_ELEMENTS = 2**24
+
+
+def _tokens_per_tile(vocab: int) -> int:
+    return max(1, TILE_ELEMENTS // max(vocab, 1))
+
+
+def _logits(hidden_tile, weight, bias, logit_scale: float, softcap: float | None, inv_t: float):
+    """`transform(hidden_tile @ weight.T + bias)`, `(n, V)`, and `tanh(y / softcap)` (or None) for the backward."""
+    z = hidden_tile @ weight.t() if bias is None else torch.addmm(bias, hidden_tile, weight.t())
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    tanh = None
+    if softcap is not None:
+        tanh = z.div_(softcap).tanh_()
+        z = tanh * softcap
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z, tanh
+
+
+class ScoredLogProbFunction(torch.autograd.Function):
+    """
+    `(logprobs (N,), entropy (N,) or None)` of the next-token distribution `softmax(transform(hidden @ weight.T))`.
+
+    Args:
+        hidden: `(N, H)` float32 hidden states of the positions to score.
+        weight: `(V, H)` LM-head weight; bias: `(V,)` or None.
+        targets: `(N,)` int64 target token ids.
+        temperature, softcap, logit_scale: as TRL's fused head applies them: `z = softcap * tanh(logit_scale * y /
+            softcap) / temperature` (no tanh when `softcap` is None).
+        compute_entropy: whether to return (and backpropagate) the entropy.
+        gather: `gather(weight, bias)` -> context manager under which the full weight is readable in the backward
+            (DeepSpeed ZeRO-3 partitions it between forward and backward); defaults to no-op.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        softcap: float | None,
+        logit_scale: float,
+        compute_entropy: bool,
+        gather: Callable | None = None,
+    ):
+        ctx.set_materialize_grads(False)
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / temperature
+        logprobs = hidden.new_empty(num_tokens, dtype=torch.float32)
+        log_z = hidden.new_empty(num_tokens, dtype=torch.float32)
+        entropy = hidden.new_empty(num_tokens, dtype=torch.float32) if compute_entropy else None
+        step = _tokens_per_tile(vocab)
+        for start in range(0, num_tokens, step):
+            end = min(start + step, num_tokens)
+            z, _ = _logits(hidden[start:end], weight, bias, logit_scale, softcap, inv_t)
+            log_z[start:end] = torch.logsumexp(z, dim=-1)
+            log_p = z.sub_(log_z[start:end, None])
+            logprobs[start:end] = log_p.gather(-1, targets[start:end, None]).squeeze(-1)
+            if compute_entropy:
+                p = torch.exp(log_p)
+                entropy[start:end] = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.settings = (inv_t, softcap, logit_scale, gather)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        inv_t, softcap, logit_scale, gather = ctx.settings
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 9
+        num_tokens = hidden.shape[0]
+        with (gather or (lambda w, b: contextlib.nullcontext()))(weight, bias):
+            vocab = weight.shape[0]
+            grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+            grad_weight = torch.zeros_like(weight) if needs_weight else None
+            grad_bias = torch.zeros_like(bias) if needs_bias else None
+            # d(logp_target)/dz = onehot - p; d(entropy)/dz = -p * (log_p + entropy); both times d(z)/d(y), which is
+            # `logit_scale * inv_t` (times `1 - tanh^2` with a softcap): fold the scalars into the per-token weights.
+            scale = logit_scale * inv_t
+            g_lp = grad_logprobs.float() * scale if grad_logprobs is not None else None
+            g_ent = grad_entropy.float() * scale if grad_entropy is not None else None
+            step = _tokens_per_tile(vocab)
+            for start in range(0, num_tokens, step):
+                end = min(start + step, num_tokens)
+                hidden_tile = hidden[start:end]
+                z, tanh = _logits(hidden_tile, weight, bias, logit_scale, softcap, inv_t)
+                log_p = z.sub_(log_z[start:end, None])
+                p = torch.exp(log_p)
+                # -(g_lp + g_ent * (log_p + entropy)) = (-g_lp - g_ent * entropy) + (-g_ent) * log_p, per row
+                if g_ent is not None:
+                    offset = -g_ent[start:end] * entropy[start:end]
+                    if g_lp is not None:
+                        offset -= g_lp[start:end]
+                    coefficient = torch.addcmul(offset[:, None], log_p, -g_ent[start:end, None], out=log_p)
+                    grad_z = p.mul_(coefficient)
+                else:
+                    grad_z = p.mul_(-g_lp[start:end, None])
+                del log_p
+                if g_lp is not None:
+                    rows = torch.arange(end - start, device=grad_z.device)
+                    grad_z.index_put_((rows, targets[start:end]), g_lp[start:end], accumulate=True)
+                if tanh is not None:
+                    grad_z.mul_(1 - tanh.square_())
+                if grad_hidden is not None:
+                    grad_hidden[start:end].addmm_(grad_z, weight)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_z.t(), hidden_tile)
+                if grad_bias is not None:
+                    grad_bias += grad_z.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def scored_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    compute_entropy: bool = True,
+    gather: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Functional form of `ScoredLogProbFunction` (see there for the arguments)."""
+    return ScoredLogProbFunction.apply(
+        hidden, weight, bias, targets, temperature, softcap, logit_scale, compute_entropy, gather
+    )
