@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import itertools
 import os
 import statistics
@@ -246,6 +247,46 @@ def attention_loop_overhead(point: Point, shape: str, reps: int = 7) -> dict:
             "layers": config.num_hidden_layers}
 
 
+def head_ablation(point: Point, shape: str, threads: int = 1, rounds: int = 3) -> dict:
+    """
+    How much of the grouped path's speedup on a CPU comes from its log-prob head (`prefix_grouper_trl/head.py`) rather
+    than from sharing the prompt: one process, interleaved rounds of GRPOTrainer, the grouped path with TRL's own
+    fused head (the trainer's head swap turned off), and the grouped path as shipped. Median wall seconds of each.
+    """
+    import tempfile
+
+    import prefix_grouper_trl.trainer as trainer_module
+
+    from .common import prepare
+
+    torch.set_num_threads(threads)
+    shipped_swap = trainer_module._cpu_head_in_trl
+
+    def with_trls_head(step):
+        def run():
+            trainer_module._cpu_head_in_trl = contextlib.nullcontext
+            try:
+                return step()
+            finally:
+                trainer_module._cpu_head_in_trl = shipped_swap
+
+        return run
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trl = prepare("trl", point, shape, "cpu", output_dir)
+        grouped = prepare("grouped", point, shape, "cpu", output_dir)
+        steps = {"trl": trl.step, "grouped_trl_head": with_trls_head(grouped.step), "grouped": grouped.step}
+        samples = {name: [] for name in steps}
+        for step in steps.values():
+            step()  # warmup
+        for _ in range(rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -337,7 +378,8 @@ def write_plots(by_point: dict, out_dir: str, title: str) -> list[str]:
     return written
 
 
-def check_targets(by_point: dict, mask_check: dict | None, loop_check: dict | None = None) -> list:
+def check_targets(by_point: dict, mask_check: dict | None, loop_check: dict | None = None,
+                  head_check: dict | None = None) -> list:
     """(name, passed or None for report-only, detail) for each target of the tracker's issue 4."""
     results = []
     target = by_point.get(TARGET_POINT)
@@ -397,6 +439,16 @@ def check_targets(by_point: dict, mask_check: dict | None, loop_check: dict | No
                 f"{loop_check['per_group_s'] * 1e6:.0f} us per group per layer; x{loop_check['layers']} layers = "
                 f"{per_step:.2f} s per step = {per_step / ours['median_s']:.0%} of ours' step at this point",
             ))
+    if head_check is not None:
+        sharing_only = head_check["trl"] / head_check["grouped_trl_head"]
+        results.append((
+            f"share of the speedup at {TARGET_POINT.label()} that is the CPU log-prob head (report only)",
+            None,
+            f"GRPOTrainer {head_check['trl']:.2f}s; grouped with TRL's fused head {head_check['grouped_trl_head']:.2f}s "
+            f"(x{sharing_only:.2f}: sharing alone); grouped as shipped {head_check['grouped']:.2f}s "
+            f"(x{head_check['trl'] / head_check['grouped']:.2f}); the head alone makes a grouped step "
+            f"x{head_check['grouped_trl_head'] / head_check['grouped']:.2f} faster",
+        ))
     return results
 
 
@@ -486,17 +538,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     runner = IsolatedRunner()
     by_point = measure(points, args, env, run_id, runner)
-    mask_check = loop_check = None
+    mask_check = loop_check = head_check = None
     if not args.no_targets and args.device == "cpu":
         torch.set_num_threads(args.threads)
         mask_check = largest_trailing_blocks(TARGET_POINT, args.shape)
         loop_check = attention_loop_overhead(SMALL_GROUPS_POINT, args.shape)
+        head_check = runner.run(functools.partial(head_ablation, shape=args.shape, threads=args.threads), TARGET_POINT)
     elapsed = time.perf_counter() - start
-    report(by_point, args, env, run_id, mask_check, loop_check, elapsed)
+    report(by_point, args, env, run_id, mask_check, loop_check, elapsed, head_check)
     return 0
 
 
-def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None) -> None:
+def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None,
+           head_check: dict | None = None) -> None:
     suffix = "" if args.device == "cpu" else "_cuda"
     header = (
         f"Log-prob forward+backward, {args.device}, model `{args.shape}`, {args.threads} thread(s); run {run_id}; "
@@ -511,7 +565,7 @@ def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check,
     print(f"CSV: {args.csv}")
 
     print("\nTargets:")
-    for name, passed, detail in check_targets(by_point, mask_check, loop_check):
+    for name, passed, detail in check_targets(by_point, mask_check, loop_check, head_check):
         status = "INFO" if passed is None else ("PASS" if passed else "FAIL")
         print(f"  [{status}] {name}\n         {detail}")
     if elapsed is not None:

@@ -110,8 +110,12 @@ def test_mask_check_and_reports(tiny_shape, tmp_path):
     table = bench_logprob.write_table(by_point, str(tmp_path / "t.md"), "header")
     assert table.count("\n| 2048 | 128 | 8 |") == 1
     assert len(bench_logprob.write_plots(by_point, str(tmp_path), "title")) == 3
-    verdicts = {name: passed for name, passed, _ in bench_logprob.check_targets(by_point, check)}
-    assert sorted(verdicts.values(), key=str) == sorted([True, True, True, False], key=str)
+    head = bench_logprob.head_ablation(point, tiny_shape, rounds=1)
+    assert set(head) == {"trl", "grouped_trl_head", "grouped"} and min(head.values()) > 0
+    checks = bench_logprob.check_targets(by_point, check, head_check=head)
+    verdicts = {name: passed for name, passed, _ in checks}
+    assert sorted(verdicts.values(), key=str) == sorted([True, True, True, False, None], key=str)
+    assert "sharing alone" in checks[-1][2]
     common.append_csv(str(tmp_path / "r.csv"), [{"a": 1, "b": 2}])
     common.append_csv(str(tmp_path / "r.csv"), [{"a": 3, "b": 4}])
     assert open(tmp_path / "r.csv").read().splitlines() == ["a,b", "1,2", "3,4"]
