@@ -538,6 +538,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     runner = IsolatedRunner()
     by_point = measure(points, args, env, run_id, runner)
+    if args.run_id and os.path.exists(args.csv):
+        # Adding to an earlier run: report on all of its points, the ones measured now replacing theirs.
+        _, earlier = load_run(args.csv, run_id)
+        by_point = {**earlier, **by_point}
     mask_check = loop_check = head_check = None
     if not args.no_targets and args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -552,14 +556,15 @@ def main(argv=None) -> int:
 def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None,
            head_check: dict | None = None) -> None:
     suffix = "" if args.device == "cpu" else "_cuda"
+    commits = sorted({row["commit"] for rows in by_point.values() for row in rows.values() if "commit" in row})
     header = (
         f"Log-prob forward+backward, {args.device}, model `{args.shape}`, {args.threads} thread(s); run {run_id}; "
-        f"{env['machine']}; commit {env['commit']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['machine']}; commit {', '.join(commits) or env['commit']}; torch {env['torch']}, transformers {env['transformers']}, "
         f"trl {env['trl']}. "
         f"Speedup and memory are GRPOTrainer's / ours; 'ours vs ref' is the reference's time / ours."
     )
     table = write_table(by_point, os.path.join(args.out_dir, f"logprob_latest{suffix}.md"), header)
-    plots = write_plots(by_point, args.out_dir, f"{args.shape}, {args.device}, run {run_id}")
+    plots = write_plots(by_point, args.out_dir, f"{args.shape}, {args.device}, run {run_id}; {env['machine']}")
     print("\n" + table)
     print("plots: " + ", ".join(plots))
     print(f"CSV: {args.csv}")
