@@ -119,6 +119,12 @@ def run_e2e_case(case: E2ECase) -> dict:
     rows = case.group_size * case.prompts_per_step
     timer = PartTimer()
     with tempfile.TemporaryDirectory() as output_dir:
+        if case.beta > 0:
+            # TRL builds the reference model from the policy's `_name_or_path`, which a model made from a config
+            # lacks: save the initial weights and point it there (the reference starts equal to the policy).
+            initial = os.path.join(output_dir, "initial_model")
+            model.save_pretrained(initial)
+            model.config._name_or_path = initial
         args = grpo_config(
             output_dir,
             "cpu",

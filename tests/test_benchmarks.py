@@ -121,10 +121,12 @@ def test_mask_check_and_reports(tiny_shape, tmp_path):
     assert open(tmp_path / "r.csv").read().splitlines() == ["a,b", "1,2", "3,4"]
 
 
-def test_e2e_worker(tiny_shape):
+@pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no_reference", "reference_model"])
+def test_e2e_worker(tiny_shape, beta):
     from benchmarks import bench_e2e
 
-    case = bench_e2e.E2ECase("grouped", prompt_len=16, completion_len=4, group_size=2, steps=2, shape=tiny_shape)
+    case = bench_e2e.E2ECase("grouped", prompt_len=16, completion_len=4, group_size=2, steps=2, shape=tiny_shape,
+                             beta=beta)
     raw = bench_e2e.run_e2e_case(case)
     row = bench_e2e.summarize(case, raw)
     assert len(raw["steps"]) == 2 and row["step_s"] > 0 and 0 < row["logprob_share"] <= 1
