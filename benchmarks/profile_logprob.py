@@ -11,7 +11,6 @@ import argparse
 import tempfile
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .common import PATHS, Point, prepare

@@ -6,7 +6,7 @@ log-sum-exp statistics with a Triton kernel; on devices without Triton it runs t
 separate torch element-wise ops per tile, forward and backward, and those passes cost more than the projection
 itself on a CPU. `ScoredLogProbFunction` computes the same quantities with full-vocabulary rows:
 
-    forward   z = transform(h @ W.T)           (N, V) one token tile at a time; `transform` = TRL's scaling, softcap, 1/T
+    forward   z = transform(h @ W.T)           (N, V), one token tile at a time; `transform`: TRL's scale, softcap, 1/T
               log_z = logsumexp(z); log_p = z - log_z   in place
               logp_target = log_p[n, target[n]]
               entropy = -<exp(log_p), log_p>   one batched row-dot

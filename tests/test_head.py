@@ -51,7 +51,9 @@ def _run(path, case, dtype=torch.float32):
             hidden, weight, bias, targets, temperature, 32768, softcap, logit_scale, outputs
         )
     else:
-        logprobs, entropies = scored_logprobs(hidden, weight, bias, targets, temperature, softcap, logit_scale, entropy)
+        logprobs, entropies = scored_logprobs(
+            hidden, weight, bias, targets, temperature, softcap, logit_scale, compute_entropy=entropy
+        )
     loss = (logprobs.double() * grad_logprobs.double()).sum()
     if entropy:
         loss = loss + (entropies.double() * grad_entropy.double()).sum()
