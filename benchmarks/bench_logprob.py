@@ -256,9 +256,9 @@ def head_ablation(point: Point, shape: str, threads: int = 1, rounds: int = 3) -
 
     import prefix_grouper_trl.trainer as trainer_module
 
-    from .common import prepare
+    from .common import PointCase, _start_worker, prepare
 
-    torch.set_num_threads(threads)
+    _start_worker(PointCase(point, threads=threads))  # threads and malloc settings as for every measured point
     shipped_swap = trainer_module._cpu_head_in_trl
 
     def with_trls_head(step):
