@@ -330,7 +330,12 @@ def write_plots(by_point: dict, out_dir: str, title: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     single = {p: r for p, r in by_point.items() if p.num_groups == 1 and {"trl", "grouped"} <= r.keys()}
-    completion_lens = sorted({p.completion_len for p in single})
+    # A panel per completion length that has a curve (the lone target points are in the table, not plotted).
+    prompt_lens_of: dict = {}
+    for p in single:
+        prompt_lens_of.setdefault(p.completion_len, set()).add(p.prompt_len)
+    completion_lens = sorted(c for c, prompt_lens in prompt_lens_of.items() if len(prompt_lens) > 1)
+    completion_lens = completion_lens or sorted({p.completion_len for p in single})
     group_sizes = sorted({p.group_size for p in single})
 
     def ours(key):
