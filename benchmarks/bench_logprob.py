@@ -538,10 +538,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     runner = IsolatedRunner()
     by_point = measure(points, args, env, run_id, runner)
-    if args.run_id and os.path.exists(args.csv):
-        # Adding to an earlier run: report on all of its points, the ones measured now replacing theirs.
-        _, earlier = load_run(args.csv, run_id)
-        by_point = {**earlier, **by_point}
+    if args.run_id and by_point:
+        # Adding to an earlier run: report on all of its points (the CSV now holds the ones just measured last).
+        _, by_point = load_run(args.csv, run_id)
     mask_check = loop_check = head_check = None
     if not args.no_targets and args.device == "cpu":
         torch.set_num_threads(args.threads)

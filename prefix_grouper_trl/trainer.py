@@ -60,15 +60,20 @@ def shuffle_groups_sequence_dict(seq_dict: dict[str, Sequence | None]) -> dict[s
 
 
 @contextlib.contextmanager
-def _group_shuffle_in_trl():
-    # TRL's `_prepare_inputs` calls its module-level `shuffle_sequence_dict`; swapping it for the duration of our call
-    # changes only this trainer's shuffle and keeps the rest of `_prepare_inputs` TRL's own.
-    original = trl_grpo_module.shuffle_sequence_dict
-    trl_grpo_module.shuffle_sequence_dict = shuffle_groups_sequence_dict
+def _module_global_swapped(module, name: str, replacement):
+    """`module.<name>` is `replacement` inside the block: TRL looks these globals up at call time."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        trl_grpo_module.shuffle_sequence_dict = original
+        setattr(module, name, original)
+
+
+def _group_shuffle_in_trl():
+    # TRL's `_prepare_inputs` calls its module-level `shuffle_sequence_dict`; swapping it for the duration of our call
+    # changes only this trainer's shuffle and keeps the rest of `_prepare_inputs` TRL's own.
+    return _module_global_swapped(trl_grpo_module, "shuffle_sequence_dict", shuffle_groups_sequence_dict)
 
 
 class _CpuLogProbHead:
@@ -101,16 +106,10 @@ class _CpuLogProbHead:
         return logprobs, entropy, None, None, None
 
 
-@contextlib.contextmanager
 def _cpu_head_in_trl():
-    # TRL's fused forward looks its head function up as a module global on every call; the swap covers our forward
-    # only (the backward runs the function recorded in the graph), so GRPOTrainer elsewhere is untouched.
-    original = trl_utils_module._ChunkedLogProbFunction
-    trl_utils_module._ChunkedLogProbFunction = _CpuLogProbHead
-    try:
-        yield
-    finally:
-        trl_utils_module._ChunkedLogProbFunction = original
+    # The swap covers our forward only (the backward runs the function recorded in the graph), so GRPOTrainer
+    # elsewhere is untouched.
+    return _module_global_swapped(trl_utils_module, "_ChunkedLogProbFunction", _CpuLogProbHead)
 
 
 @contextlib.contextmanager
