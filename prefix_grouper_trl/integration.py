@@ -21,10 +21,11 @@ from functools import partial
 import torch
 
 from .attention import split_attention, split_attention_flex, split_attention_varlen
+from .layout import LAYOUT_KWARG
+from .mixers import enable_mixers
 
 PREFIX = "prefix_grouped_"
 SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2", "flex_attention")
-LAYOUT_KWARG = "prefix_group_layout"
 
 _grouped_forward_active = contextvars.ContextVar("prefix_grouper_grouped_forward", default=False)
 _registered = False
@@ -185,6 +186,7 @@ def enable_prefix_grouping(model) -> None:
     """
     register_prefix_grouped_attention()
     check_model_supported(model)
+    enable_mixers(model)
     impl = model.config._attn_implementation or "sdpa"
     if not impl.startswith(PREFIX):
         model.set_attn_implementation(PREFIX + impl)

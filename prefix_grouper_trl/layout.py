@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The keyword argument that carries a [`GroupLayout`] through a model's forward to its attention and mixer layers.
+LAYOUT_KWARG = "prefix_group_layout"
+
 
 @dataclass
 class GroupLayout:
@@ -47,11 +50,16 @@ class GroupLayout:
         shift_labels (`(1, T)` long): the next-token label of each packed position (`-100` on prefix tokens).
         scored_positions (`(N,)` long): packed positions whose label is a completion token.
         scored_slots (`(N,)` long): the flat index `row * K + column` of each scored position in the `(B, K)` output.
+        token_rows (`(T,)` long): the row of the micro-batch each packed token comes from (its column is
+            `position_ids`).
 
     Python bookkeeping for the attention (one entry per group, in packed order):
         group_starts: packed offset of each group's prefix.
         prefix_lens: tokens in each group's prefix (prompt length - 1; may be 0).
         suffix_lens: per group, the length of each of its suffixes (completion lengths, all > 0).
+
+    `prompt_width` is the width of the prompt block of the micro-batch (`L - K`), which the recurrent mixers
+    reproduce for each group's prefix (see `segment_batches`).
 
     Statistics for logging: `num_rows` rows in the micro-batch, `num_grouped_rows` of them with a suffix,
     `num_groups` groups, `repeated_tokens` real tokens the repeated forward would encode, `packed_tokens` = T.
@@ -62,6 +70,7 @@ class GroupLayout:
     shift_labels: torch.Tensor
     scored_positions: torch.Tensor
     scored_slots: torch.Tensor
+    token_rows: torch.Tensor
     batch_size: int
     logits_to_keep: int
     group_starts: list[int]
@@ -71,8 +80,11 @@ class GroupLayout:
     repeated_tokens: int
     num_rows: int
     num_grouped_rows: int
-    # Filled by the attention: how many attention layers consumed this layout, and masks cached per (device, kind).
+    prompt_width: int = 0
+    # Filled by the forward: how many attention layers and other token mixers consumed this layout, and masks and
+    # index maps cached per (device, kind).
     attention_calls: int = 0
+    mixer_calls: int = 0
     _mask_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -285,6 +297,7 @@ def build_group_layout(
         shift_labels=labels.unsqueeze(0),
         scored_positions=scored_positions,
         scored_slots=scored_slots,
+        token_rows=token_rows,
         batch_size=batch_size,
         logits_to_keep=logits_to_keep,
         group_starts=group_starts,
@@ -294,6 +307,7 @@ def build_group_layout(
         repeated_tokens=int((prompt_lens + completion_lens).sum()),
         num_rows=batch_size,
         num_grouped_rows=int(kept_rows.numel()),
+        prompt_width=prompt_width,
     )
 
 
@@ -334,3 +348,95 @@ def plan_row_chunks(
     if current:
         chunks.append(current)
     return [torch.tensor(chunk, dtype=torch.long, device=input_ids.device) for chunk in chunks]
+
+
+@dataclass
+class SegmentBatches:
+    """
+    The packed row cut into two padded batches, for token mixers that carry a state along the sequence (a recurrence,
+    a causal convolution): they run once over every group's prefix, then over every suffix starting from the final
+    state of its group's prefix.
+
+    Prefix batch `(G, W)`, one row per group, `W = prompt_width - 1`: each prefix sits at the columns it has in the
+    repeated forward, behind the same left padding, so a mixer sees exactly the inputs it sees there::
+
+        group 0:  [ .  .  p0 p1 p2 ]        prefix_mask [0 0 1 1 1]
+        group 1:  [ q0 q1 q2 q3 q4 ]                    [1 1 1 1 1]
+
+    Suffix batch `(n, C)`, one row per suffix (the repeated last prompt token, then the completion), right-padded to
+    `C = max(longest suffix, 2)` (never one column: one-token forwards take the mixers' in-place decode path)::
+
+        suffix 0 (group 0):  [ p3 a0 a1 . ]
+        suffix 1 (group 0):  [ p3 b0 .  . ]
+        suffix 2 (group 1):  [ q5 c0 c1 c2 ]
+
+    Padding slots read index `T` (a zero row appended to the packed row); right padding never reaches a real token of
+    a causal mixer, and left padding is masked exactly as in the repeated forward.
+
+    Tensors:
+        prefix_gather (`(G * W,)` long), suffix_gather (`(n * C,)` long): packed position feeding each slot.
+        prefix_mask (`(G, W)` long, or None when no slot is padding): the repeated forward's prompt mask.
+        suffix_group (`(n,)` long): the prefix row each suffix continues from.
+        inverse (`(T,)` long): packed position -> row of `cat([prefix_out.flatten(0, 1), suffix_out.flatten(0, 1)])`.
+    """
+
+    num_groups: int
+    prefix_width: int
+    num_suffixes: int
+    suffix_width: int
+    prefix_gather: torch.Tensor
+    prefix_mask: torch.Tensor | None
+    suffix_gather: torch.Tensor
+    suffix_group: torch.Tensor
+    inverse: torch.Tensor
+
+
+def segment_batches(layout: GroupLayout, device: torch.device) -> SegmentBatches:
+    """The [`SegmentBatches`] of a layout, built once per layout and device and shared by every mixer layer."""
+    key = ("segments", str(device))
+    cached = layout._mask_cache.get(key)
+    if cached is not None:
+        return cached
+    total = layout.packed_tokens
+    num_groups = layout.num_groups
+    width = max(layout.prompt_width - 1, 0)
+    group_starts = torch.tensor(layout.group_starts, dtype=torch.long)
+    prefix_lens = torch.tensor(layout.prefix_lens, dtype=torch.long)
+    inverse = torch.empty(total, dtype=torch.long)
+
+    column = torch.arange(width)[None, :]
+    offset = column - (width - prefix_lens)[:, None]
+    prefix_real = offset >= 0
+    prefix_gather = torch.where(prefix_real, group_starts[:, None] + offset, torch.full_like(offset, total))
+    inverse[prefix_gather[prefix_real]] = torch.arange(num_groups * width).view(num_groups, width)[prefix_real]
+    prefix_mask = None if bool(prefix_real.all()) else prefix_real.long()
+
+    suffix_starts, suffix_lens, suffix_group = [], [], []
+    for group, (start, prefix_len, lens) in enumerate(layout.group_segments()):
+        cursor = start + prefix_len
+        for suffix_len in lens:
+            suffix_starts.append(cursor)
+            suffix_lens.append(suffix_len)
+            suffix_group.append(group)
+            cursor += suffix_len
+    num_suffixes = len(suffix_lens)
+    suffix_width = max(max(suffix_lens), 2)
+    slot = torch.arange(suffix_width)[None, :]
+    suffix_real = slot < torch.tensor(suffix_lens)[:, None]
+    suffix_gather = torch.where(suffix_real, torch.tensor(suffix_starts)[:, None] + slot, torch.full_like(slot, total))
+    suffix_slots = num_groups * width + torch.arange(num_suffixes * suffix_width).view(num_suffixes, suffix_width)
+    inverse[suffix_gather[suffix_real]] = suffix_slots[suffix_real]
+
+    batches = SegmentBatches(
+        num_groups=num_groups,
+        prefix_width=width,
+        num_suffixes=num_suffixes,
+        suffix_width=suffix_width,
+        prefix_gather=prefix_gather.reshape(-1).to(device),
+        prefix_mask=None if prefix_mask is None else prefix_mask.to(device),
+        suffix_gather=suffix_gather.reshape(-1).to(device),
+        suffix_group=torch.tensor(suffix_group, dtype=torch.long, device=device),
+        inverse=inverse.to(device),
+    )
+    layout._mask_cache[key] = batches
+    return batches

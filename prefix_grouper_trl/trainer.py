@@ -12,8 +12,10 @@ import trl.trainer.utils as trl_utils_module
 from trl import GRPOTrainer
 
 from .head import scored_logprobs
-from .integration import LAYOUT_KWARG, enable_prefix_grouping, grouped_forward
-from .layout import GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
+from .integration import enable_prefix_grouping, grouped_forward
+from .layout import LAYOUT_KWARG, GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
+from .mixers import mixer_modules
+from .self_check import check_grouped_forward
 
 _MULTIMODAL_KEYS = (
     "pixel_values",
@@ -153,12 +155,22 @@ def _tokens_left_out(args):
             setattr(args, name, value)
 
 
+# Layer types (transformers' `config.layer_types`) whose layer has a softmax attention: "hybrid" is Falcon-H1's
+# attention-and-Mamba layer. "linear_attention" layers (Gated DeltaNet, Mamba, lightning attention) are mixers.
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "hybrid")
+
+
 def _expected_attention_layers(model) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        return sum("attention" in str(layer_type) for layer_type in layer_types)
+        return sum(str(layer_type) in _ATTENTION_LAYER_TYPES for layer_type in layer_types)
     return getattr(config, "num_hidden_layers", None)
+
+
+def _parameters_partitioned(model) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds the parameters (a forward outside its engine would see empty tensors)."""
+    return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
 
 class PrefixGroupedGRPOTrainer(GRPOTrainer):
@@ -178,10 +190,30 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
             self.args, "prefix_grouping_shuffle_groups", True
         )
         self._warned_multimodal_fallback = False
+        self._checked_models: set[int] = set()
+        self._mixer_kinds: dict[int, list[str]] = {}
         if self.prefix_grouping:
             for model in (self.model, self.ref_model):
                 if model is not None:
-                    enable_prefix_grouping(self._transformers_model(model))
+                    inner = self._transformers_model(model)
+                    enable_prefix_grouping(inner)
+                    # Under ZeRO-3 the parameters only exist inside DeepSpeed's engine: checked at the first use.
+                    if not _parameters_partitioned(inner):
+                        self._check_model_once(model)
+
+    def _check_model_once(self, model) -> None:
+        """
+        Compare the model's grouped forward with its repeated forward on a probe batch, once per model (see
+        `self_check.py`): a token mixer that nothing splits is refused before it computes a log-prob.
+        """
+        inner = self._transformers_model(model)
+        if id(inner) in self._checked_models:
+            return
+        with self.accelerator.autocast():
+            check_grouped_forward(
+                model, inner, grouped_forward, check_layout=lambda layout: self._check_layout_consumed(inner, layout)
+            )
+        self._checked_models.add(id(inner))
 
     def _transformers_model(self, model):
         """The `PreTrainedModel` inside PEFT / DeepSpeed / DDP wrappers."""
@@ -223,6 +255,7 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         )
         if not self.prefix_grouping:
             return parent_call()
+        self._check_model_once(model)
         if any(multimodal_inputs.get(key) is not None for key in _MULTIMODAL_KEYS):
             if not self._warned_multimodal_fallback:
                 warnings.warn(
@@ -297,6 +330,17 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
                 f"layer(s) of {expected}. Its modeling code does not pass `**kwargs` down to transformers' attention "
                 "interface, so the packed row would be computed without the split attention and give wrong "
                 "log-probs. Set prefix_grouping=False for this model."
+            )
+        if id(inner) not in self._mixer_kinds:
+            self._mixer_kinds[id(inner)] = [kind.name for _, _, kind in mixer_modules(inner)]
+        mixers = self._mixer_kinds[id(inner)]
+        if layout.mixer_calls < len(mixers):
+            kinds = sorted(set(mixers))
+            raise RuntimeError(
+                f"{type(inner).__name__}: the prefix-grouped layout reached {layout.mixer_calls} of its {len(mixers)} "
+                f"{' / '.join(kinds)} layers: its decoder layers do not pass the layout on, so those layers would run "
+                "over the packed row as one sequence and give wrong log-probs. Set prefix_grouping=False for this "
+                "model."
             )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

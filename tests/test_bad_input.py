@@ -27,14 +27,14 @@ class KwargsDroppingAttention(Qwen2Attention):
 
 
 def test_model_that_drops_the_layout_is_detected(tmp_path):
+    """Found by the self-check when the trainer is built, before anything is trained."""
     model = tiny_model("qwen2")
     for layer in model.model.layers:
         custom = KwargsDroppingAttention(model.config, layer.self_attn.layer_idx)
         custom.load_state_dict(layer.self_attn.state_dict())
         layer.self_attn = custom
-    trainer = make_trainer(tmp_path, model)
     with pytest.raises(RuntimeError, match=r"Qwen2ForCausalLM.*reached 0 attention layer.*prefix_grouping=False"):
-        trainer._get_per_token_logps_and_entropies(trainer.model, *make_batch([5, 5], [3, 2], [0, 0]))
+        make_trainer(tmp_path, model)
 
 
 def test_unsupported_attention_implementation(tmp_path):
@@ -46,10 +46,10 @@ def test_unsupported_attention_implementation(tmp_path):
 
 def test_sliding_window_shorter_than_a_row(tmp_path):
     model = tiny_model("mistral")
+    trainer = make_trainer(tmp_path, model)  # its self-check probe (14 tokens a row) runs before the window shrinks
     model.config.sliding_window = 6
     for layer in model.model.layers:
         layer.self_attn.sliding_window = 6
-    trainer = make_trainer(tmp_path, model)
     short = make_batch([3, 3], [2, 2], [0, 0])  # rows of 5 tokens fit the window
     trainer._get_per_token_logps_and_entropies(trainer.model, *short)
     with pytest.raises(ValueError, match=r"sliding window of 6 tokens.*\(9 tokens\).*prefix_grouping=False"):

@@ -19,7 +19,6 @@ Low precision, on fewer batches: fp64 matches to 1e-12; bf16 log-probs and entro
 forward's own error against fp64 (STYLE habit 7). Counts and coverage of the recorded runs: docs/RELIABILITY.md.
 """
 
-import copy
 import os
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from hypothesis import strategies as st
 from test_equivalence import logps_and_grads
 from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from prefix_grouper_trl import PrefixGroupedGRPOTrainer
 from prefix_grouper_trl.integration import enable_prefix_grouping
@@ -307,10 +307,17 @@ def test_random_micro_batches_match_repeated_forward(trainer, spec):
 
 @pytest.fixture(scope="module")
 def models_by_dtype(trainer):
-    """The trainer's fp32 policy copied to fp64 and bf16, both switched to the prefix-grouped dispatcher."""
+    """
+    The trainer's fp32 policy as new fp64 and bf16 models, with TRL's fused LM head and the prefix-grouped dispatcher.
+
+    Not `copy.deepcopy(trainer.model)`: TRL's fused-head forward closes over the original model's bound forward, so a
+    deep copy would still run the fp32 original.
+    """
     models = {}
     for dtype in (torch.float64, torch.bfloat16):
-        model = copy.deepcopy(trainer.model).to(dtype)
+        model = AutoModelForCausalLM.from_config(trainer.model.config, attn_implementation="sdpa", dtype=dtype)
+        model.load_state_dict(trainer.model.state_dict())
+        add_fused_lm_head(model, temperature=trainer.temperature, outputs=("log_probs", "entropy"))
         enable_prefix_grouping(model)
         models[dtype] = model
     return models
