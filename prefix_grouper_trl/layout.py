@@ -17,6 +17,7 @@ The last prompt token is repeated at the head of every suffix: its hidden state 
 completion token, and repeating it gives every packed position exactly one next-token label, so TRL's fused LM
 head can score the row with pre-shifted labels. The last completion token is never fed (it has nothing to
 predict), only used as a label. A row with an empty completion has no suffix; a group with no suffix is dropped.
+(`feed_every_token=True` feeds those too, unscored, for statistics over every token such as an MoE aux loss.)
 
 Attention (see `attention.py`): a prefix token attends causally within its prefix; a suffix token attends to the
 whole prefix of its group and causally to its own suffix, never to another suffix::
@@ -52,6 +53,8 @@ class GroupLayout:
         scored_slots (`(N,)` long): the flat index `row * K + column` of each scored position in the `(B, K)` output.
         token_rows (`(T,)` long): the row of the micro-batch each packed token comes from (its column is
             `position_ids`).
+        token_weights (`(1, T)` float, only with `feed_every_token`): how many rows of the repeated forward each
+            packed token stands for (the group's row count on prefix tokens, 1 elsewhere).
 
     Python bookkeeping for the attention (one entry per group, in packed order):
         group_starts: packed offset of each group's prefix.
@@ -81,6 +84,7 @@ class GroupLayout:
     num_rows: int
     num_grouped_rows: int
     prompt_width: int = 0
+    token_weights: torch.Tensor | None = None
     # Filled by the forward: how many attention layers and other token mixers consumed this layout, and masks and
     # index maps cached per (device, kind).
     attention_calls: int = 0
@@ -186,7 +190,7 @@ def find_prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> t
 
 
 def build_group_layout(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, feed_every_token: bool = False
 ) -> GroupLayout | None:
     """
     Build the packed layout of one micro-batch.
@@ -195,9 +199,14 @@ def build_group_layout(
         input_ids (`(B, L)` long): `[prompt_ids | completion_ids]`.
         attention_mask (`(B, L)`): `[prompt_mask | completion_mask]`, prompt left-padded, completion right-padded.
         logits_to_keep (`int`): K, the completion width; the prompt is `input_ids[:, :L-K]`.
+        feed_every_token (`bool`): also feed what the repeated forward feeds but nothing here needs to predict: the
+            last token of every completion (unscored), and a one-token suffix (the last prompt token) for every row
+            with an empty completion. Every real token of the repeated forward is then fed once, except prefix tokens,
+            fed once per group; `token_weights` counts how many rows each packed token stands for. Statistics over
+            all tokens (an MoE load-balancing loss) are then exactly the repeated forward's.
 
     Returns:
-        The [`GroupLayout`], or `None` when no row has a completion token to score.
+        The [`GroupLayout`], or `None` when no row has a completion token to score (never with `feed_every_token`).
 
     Raises:
         ValueError: on an empty batch, a prompt without tokens, or masks not padded the TRL way.
@@ -227,8 +236,9 @@ def build_group_layout(
 
     group_ids = find_prompt_groups(input_ids[:, :prompt_width], prompt_mask)
 
-    # Rows with something to score, ordered by group then by row.
-    kept_rows = (completion_lens > 0).nonzero().squeeze(1)
+    # Rows with something to feed, ordered by group then by row.
+    kept_rows = (completion_lens > 0 if not feed_every_token else torch.ones_like(completion_lens, dtype=torch.bool))
+    kept_rows = kept_rows.nonzero().squeeze(1)
     if kept_rows.numel() == 0:
         return None
     kept_rows = kept_rows[torch.argsort(group_ids[kept_rows], stable=True)]
@@ -242,7 +252,7 @@ def build_group_layout(
 
     # Segments in packed order: per group, its prefix then its suffixes. Each segment is a column range of one row.
     group_prefix_lens = prompt_lens[representative_rows] - 1
-    suffix_lens_t = completion_lens[kept_rows]
+    suffix_lens_t = completion_lens[kept_rows] + int(feed_every_token)
     segments_per_group = members_per_group + 1
     num_segments = int(segments_per_group.sum())
     first_segment_of_group = torch.cumsum(segments_per_group, 0) - segments_per_group
@@ -266,7 +276,10 @@ def build_group_layout(
     token_offset = torch.arange(packed_len, device=device) - segment_offsets[token_segment]
     token_rows = segment_rows[token_segment]
     token_columns = segment_first_column[token_segment] + token_offset
-    token_is_scored = ~is_prefix_segment[token_segment]
+    # A suffix token at offset o predicts completion token o; with `feed_every_token`, the last one predicts nothing.
+    segment_completion_lens = torch.zeros(num_segments, dtype=torch.long, device=device)
+    segment_completion_lens[~is_prefix_segment] = completion_lens[kept_rows]
+    token_is_scored = ~is_prefix_segment[token_segment] & (token_offset < segment_completion_lens[token_segment])
 
     packed_ids = input_ids[token_rows, token_columns]
     label_columns = (token_columns + 1).clamp(max=total_width - 1)
@@ -289,6 +302,12 @@ def build_group_layout(
         cursor += prefix_len + sum(suffixes)
         segment += 1 + members
 
+    token_weights = None
+    if feed_every_token:
+        segment_weights = torch.ones(num_segments, dtype=torch.float32, device=device)
+        segment_weights[is_prefix_segment] = members_per_group.float()
+        token_weights = segment_weights[token_segment].unsqueeze(0)
+
     # Longest distance between a query and a key of one row, for sliding-window checks.
     max_span = int((prompt_lens + completion_lens).max()) - 1
     return GroupLayout(
@@ -306,8 +325,9 @@ def build_group_layout(
         max_span=max_span,
         repeated_tokens=int((prompt_lens + completion_lens).sum()),
         num_rows=batch_size,
-        num_grouped_rows=int(kept_rows.numel()),
+        num_grouped_rows=int((completion_lens[kept_rows] > 0).sum()),
         prompt_width=prompt_width,
+        token_weights=token_weights,
     )
 
 

@@ -115,17 +115,19 @@ def _cpu_head_in_trl():
 
 
 @contextlib.contextmanager
-def _scored_positions_only(model, scored_positions: torch.Tensor):
+def _scored_positions_only(model, scored_positions: torch.Tensor, captured: dict | None = None):
     """
     Hand TRL's fused LM head only the hidden states it has to score (the completion positions).
 
     The fused head scores every position it is given on devices without Triton (CPU), and the prompt positions of a
     packed row have nothing to score. The hook keeps `model.base_model`'s output to `(1, N, hidden)`; the labels
     passed as `shift_labels` are the `(1, N)` labels of the same positions, so the head computes exactly what TRL's
-    would on those positions.
+    would on those positions. `captured`, when given, receives the backbone's `router_logits` (MoE models).
     """
 
     def keep_scored(module, args, output):
+        if captured is not None:
+            captured["router_logits"] = getattr(output, "router_logits", None)
         output.last_hidden_state = output.last_hidden_state[:, scored_positions]
         return output
 
@@ -166,6 +168,25 @@ def _expected_attention_layers(model) -> int | None:
     if layer_types:
         return sum(str(layer_type) in _ATTENTION_LAYER_TYPES for layer_type in layer_types)
     return getattr(config, "num_hidden_layers", None)
+
+
+def _weighted_aux_loss(inner, router_logits, layout: GroupLayout, fused_aux_loss):
+    """The repeated forward's MoE load-balancing loss from the packed row's router logits (see `_grouped_forward`)."""
+    if router_logits is None or fused_aux_loss is None or layout.token_weights is None:
+        return fused_aux_loss
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = inner.config.get_text_config()
+    num_experts = getattr(text_config, "num_experts", None) or getattr(inner, "num_experts", None)
+    top_k = getattr(text_config, "num_experts_per_tok", None) or getattr(inner, "num_experts_per_tok", None)
+    if num_experts is None or top_k is None:
+        raise RuntimeError(
+            f"{type(inner).__name__} returns router logits, but its config names neither `num_experts` nor "
+            "`num_experts_per_tok`, so its load-balancing loss cannot be weighted like the repeated forward's. Set "
+            "router_aux_loss_coef=0.0 or prefix_grouping=False."
+        )
+    weights = layout.token_weights.to(router_logits[0].device)
+    return load_balancing_loss_func(router_logits, num_experts, top_k, weights)
 
 
 def _parameters_partitioned(model) -> bool:
@@ -276,7 +297,7 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         for rows in row_chunks:
             chunk_ids = input_ids if rows is None else input_ids[rows]
             chunk_mask = attention_mask if rows is None else attention_mask[rows]
-            layout = build_group_layout(chunk_ids, chunk_mask, logits_to_keep)
+            layout = build_group_layout(chunk_ids, chunk_mask, logits_to_keep, feed_every_token=compute_aux_loss)
             if layout is None:
                 # Nothing to score in this chunk (every completion empty): TRL's forward returns zeros that stay
                 # connected to the model, which the loss needs to backpropagate.
@@ -304,6 +325,13 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     def _grouped_forward(self, model, layout: GroupLayout, compute_entropy: bool, compute_aux_loss: bool):
+        """
+        Log-probs and entropies `(B, K)` of one packed row, and the MoE load-balancing loss. TRL's fused forward
+        computes that loss over the tokens it is given, every token counting once; the repeated forward counts each
+        prompt once per row. So with `compute_aux_loss` the layout feeds every token (`feed_every_token`) and the loss
+        is recomputed from the router logits with `token_weights` (transformers' own `load_balancing_loss_func`
+        takes them as its mask), which is exactly the repeated forward's.
+        """
         model_inputs = {
             "input_ids": layout.input_ids,
             "position_ids": layout.position_ids,
@@ -314,13 +342,17 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         inner = self._transformers_model(model)
-        with grouped_forward(), _scored_positions_only(inner, layout.scored_positions), _cpu_head_in_trl():
+        captured = {}
+        with grouped_forward(), _scored_positions_only(inner, layout.scored_positions, captured), _cpu_head_in_trl():
             with self.accelerator.autocast():
                 outputs = model(**model_inputs, fused_lm_head=True)
         self._check_layout_consumed(inner, layout)
         logps = layout.scatter_scored_to_rows(outputs.log_probs)
         entropies = layout.scatter_scored_to_rows(outputs.entropy) if compute_entropy else None
-        return logps, entropies, outputs.aux_loss if compute_aux_loss else None
+        aux_loss = None
+        if compute_aux_loss:
+            aux_loss = _weighted_aux_loss(inner, captured.get("router_logits"), layout, outputs.aux_loss)
+        return logps, entropies, aux_loss
 
     def _check_layout_consumed(self, inner, layout: GroupLayout) -> None:
         expected = _expected_attention_layers(inner)

@@ -37,10 +37,100 @@ CONFIGS = {
 ARCHITECTURES = ["qwen2", "qwen3", "llama", "mistral", "gemma"]
 
 
+def _hybrid_configs():
+    """Tiny hybrid decoders (attention plus recurrent or convolutional mixers), one per family, built from configs."""
+    import transformers as tf
+
+    base = {k: v for k, v in _COMMON.items() if k not in ("intermediate_size", "num_hidden_layers")}
+    deltanet = dict(
+        head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+    )
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    mamba2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+                  mamba_chunk_size=8)
+    return {
+        # Gated DeltaNet 3:1 with full attention, as in every Qwen3.5 checkpoint.
+        "qwen3_5": lambda: tf.Qwen3_5TextConfig(
+            **base, intermediate_size=64, num_hidden_layers=4, **deltanet,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+        ),
+        "qwen3_5_moe": lambda: tf.Qwen3_5MoeTextConfig(
+            **base, num_hidden_layers=2, **deltanet, **moe, layer_types=["linear_attention", "full_attention"],
+        ),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **base, intermediate_size=64, num_hidden_layers=2, **deltanet, **moe,
+            layer_types=["linear_attention", "full_attention"],
+        ),
+        "nemotron_h": lambda: tf.NemotronHConfig(
+            **base, intermediate_size=64, layers_block_type=["mamba", "attention", "mlp", "mamba"], head_dim=8,
+            ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, conv_kernel=4, chunk_size=8,
+        ),
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(
+            **base, intermediate_size=64, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+            num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, **mamba2,
+        ),
+        "falcon_h1": lambda: tf.FalconH1Config(
+            **base, intermediate_size=64, num_hidden_layers=2, head_dim=8, mamba_d_ssm=32,
+            **{**mamba2, "mamba_n_heads": 4},
+        ),
+        "jamba": lambda: tf.JambaConfig(
+            **base, intermediate_size=64, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+            expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+            mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+        ),
+        "lfm2": lambda: tf.Lfm2Config(
+            **base, intermediate_size=64, num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+            conv_L_cache=3,
+        ),
+        "lfm3": lambda: tf.Lfm3Config(**base, intermediate_size=64, num_hidden_layers=3, head_dim=8, conv_L_cache=3),
+        "bamba": lambda: tf.BambaConfig(
+            **base, intermediate_size=64, num_hidden_layers=2, attn_layer_indices=[1], **mamba2,
+        ),
+        "minimax": lambda: tf.MiniMaxConfig(
+            **base, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"], block_size=8,
+        ),
+        "recurrent_gemma": lambda: tf.RecurrentGemmaConfig(
+            **{k: v for k, v in base.items() if k != "max_position_embeddings"}, intermediate_size=64,
+            num_hidden_layers=3, lru_width=32, attention_window_size=512, conv1d_width=4,
+            block_types=["recurrent", "attention", "recurrent"],
+        ),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+            **base, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=16,
+        ),
+    }
+
+
+CONFIGS.update(_hybrid_configs())
+HYBRID_ARCHITECTURES = [
+    "qwen3_5", "qwen3_5_moe", "qwen3_next", "nemotron_h", "granitemoehybrid", "falcon_h1", "jamba", "lfm2", "lfm3",
+    "bamba", "minimax",
+]
+
+
+def moderate_deltanet_decay(model) -> None:
+    """
+    Gated DeltaNet decay rates in exp(uniform(-4.6, 0)) = [0.01, 1] instead of transformers' init range [0.01, 16].
+
+    With rates up to 16 the state forgets within a token or two, and the gradients of `A_log`, `dt_bias` and
+    `in_proj_a` are sums that cancel to ~1e-5 of their terms: GRPOTrainer's own gradients of them then move by ~4e-4
+    relative from three extra columns of left padding (the fp32 chunked kernel's rounding), so a 1e-4 comparison
+    would measure rounding, not the split.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("GatedDeltaNet"):
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(-4.6, 0.0, generator=generator))
+
+
 def tiny_model(arch: str = "qwen2", attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    moderate_deltanet_decay(model)
     return model
 
 

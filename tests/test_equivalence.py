@@ -55,9 +55,9 @@ def layout_batch(case: str, seed: int = 0):
     return input_ids, attention_mask, logits_to_keep
 
 
-def make_trainer(tmp_path, arch="qwen2", attn="sdpa", **overrides):
+def make_trainer(tmp_path, arch="qwen2", attn="sdpa", model=None, **overrides):
     return PrefixGroupedGRPOTrainer(
-        model=tiny_model(arch, attn),
+        model=tiny_model(arch, attn) if model is None else model,
         reward_funcs=token_count_reward,
         args=grpo_args(tmp_path, **overrides),
         train_dataset=prompt_dataset(),

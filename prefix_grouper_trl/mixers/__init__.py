@@ -27,7 +27,7 @@ import torch
 
 from ..layout import LAYOUT_KWARG, GroupLayout
 
-# The layout of the decoder layer being run (set by a pre-hook on the layer, cleared by its forward hook).
+# The layout of the decoder layer being run (set for the duration of the layer's forward, see `_make_layer_read_layout`).
 _layer_layout: contextvars.ContextVar = contextvars.ContextVar("prefix_grouper_layer_layout", default=None)
 
 
@@ -105,12 +105,60 @@ def _enclosing_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return ancestors[0] if ancestors else model
 
 
+_LAYOUT_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _layout_reading_class(layer_class: type) -> type:
+    """
+    A subclass of a decoder layer class whose `forward` makes the layout of its call visible to the mixers inside.
+
+    transformers checkpoints a layer's `forward` (not `__call__`), so gradient checkpointing recomputes the layer in
+    the backward without its module hooks; a subclass's `forward` is inside what is recomputed, so the mixers of a
+    layer that does not pass `**kwargs` on (Jamba's Mamba layer) get the layout in the recomputation too. The subclass
+    keeps the class's name, and state dicts, `isinstance` and `copy.deepcopy` are unchanged.
+    """
+    cached = _LAYOUT_LAYER_CLASSES.get(layer_class)
+    if cached is not None:
+        return cached
+
+    def forward(self, *args, **kwargs):
+        token = _layer_layout.set(kwargs.get(LAYOUT_KWARG))
+        try:
+            return super(subclass, self).forward(*args, **kwargs)
+        finally:
+            _layer_layout.reset(token)
+
+    subclass = type(
+        layer_class.__name__,
+        (layer_class,),
+        {"forward": forward, "__module__": layer_class.__module__, "__qualname__": layer_class.__qualname__,
+         "_prefix_grouper_reads_layout": True},
+    )
+    _LAYOUT_LAYER_CLASSES[layer_class] = subclass
+    return subclass
+
+
 def _set_layer_layout(layer, args, kwargs):
     layer._prefix_grouper_tokens.append(_layer_layout.set(kwargs.get(LAYOUT_KWARG)))
 
 
 def _reset_layer_layout(layer, args, kwargs, output):
     _layer_layout.reset(layer._prefix_grouper_tokens.pop())
+
+
+def _make_layer_read_layout(layer: torch.nn.Module) -> None:
+    """Give the mixers inside `layer` the layout its call receives (idempotent)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if getattr(layer, "_prefix_grouper_reads_layout", False):
+        return
+    if isinstance(layer, GradientCheckpointingLayer):
+        layer.__class__ = _layout_reading_class(type(layer))
+    else:  # never checkpointed by transformers: module hooks see every call
+        layer._prefix_grouper_tokens = []
+        layer._prefix_grouper_reads_layout = True
+        layer.register_forward_pre_hook(_set_layer_layout, with_kwargs=True)
+        layer.register_forward_hook(_reset_layer_layout, with_kwargs=True, always_call=True)
 
 
 def mixer_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, MixerKind]]:
@@ -151,11 +199,7 @@ def enable_mixers(model: torch.nn.Module) -> int:
         module._prefix_grouper_inner_forward = module.forward
         module._prefix_grouper_mixer_kind = kind
         module.forward = types.MethodType(_wrapped_forward, module)
-        layer = _enclosing_layer(model, name)
-        if not hasattr(layer, "_prefix_grouper_tokens"):
-            layer._prefix_grouper_tokens = []
-            layer.register_forward_pre_hook(_set_layer_layout, with_kwargs=True)
-            layer.register_forward_hook(_reset_layer_layout, with_kwargs=True, always_call=True)
+        _make_layer_read_layout(_enclosing_layer(model, name))
     return len(found)
 
 
