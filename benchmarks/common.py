@@ -74,12 +74,31 @@ MODEL_SHAPES = {
         tie_word_embeddings=True,
     ),
 }
+# cpu-hybrid: a Qwen3.5 text decoder (every Qwen3.5 checkpoint's layout): Gated DeltaNet layers 3:1 with gated full
+#   attention, the same width, depth, MLP and vocabulary as cpu-small (hybrid issue's benchmark; --shape cpu-hybrid).
+MODEL_SHAPES["cpu-hybrid"] = dict(
+    MODEL_SHAPES["cpu-small"],
+    family="qwen3_5",
+    head_dim=32,
+    linear_num_value_heads=8,
+    linear_num_key_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+)
 # First ids are special tokens of the in-process tokenizer; random prompt/completion ids are drawn above them.
 NUM_SPECIAL_TOKENS = 4
 
 
-def model_config(shape: str) -> Qwen2Config:
-    return Qwen2Config(**MODEL_SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+def model_config(shape: str):
+    values = dict(MODEL_SHAPES[shape])
+    family = values.pop("family", "qwen2")
+    if family == "qwen3_5":
+        from transformers import Qwen3_5TextConfig as config_class
+    else:
+        config_class = Qwen2Config
+    return config_class(**values, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def build_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -484,6 +503,8 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
     `fused_head_scores_all`: TRL's fused head scores every input position when Triton is unavailable (CPU) and only
     the positions with a label on CUDA.
     """
+    if "layer_types" in MODEL_SHAPES[shape]:
+        return hybrid_flop_counts(point, shape, fused_head_scores_all)
     P, C, G, groups = point.prompt_len, point.completion_len, point.group_size, point.num_groups
     rows = G * groups
     width = P + C
@@ -528,6 +549,66 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
             "head": 2 * count.head_passes * k["head_params"] * count.head_positions,
         }
         count.flops = float(sum(count.parts.values()))
+    return counts
+
+
+def _chunks_of(tokens: int, chunk: int) -> int:
+    return -(-tokens // chunk) * chunk
+
+
+def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) -> dict[str, FlopCount]:
+    """
+    FLOPs of one log-prob forward+backward of a hybrid shape (Gated DeltaNet and full-attention layers), per path.
+
+    Each layer's linear maps (projections, MLP) are counted from the model's own parameter count (built on the meta
+    device), times the tokens the layer is fed; full-attention layers add 4 * heads * head_dim per query-key pair; Gated
+    DeltaNet layers add their depthwise convolution (2 * kernel * channels per token) and the chunked delta rule
+    (chunk c = 64, per token and value head: 4c*dk for the two in-chunk QK products, c*(dk+dv) for the triangular
+    solves, 2c*dv for the in-chunk read, 6*dk*dv for the state read, correction and update), on the sequence padded
+    to whole chunks. Forward + backward = 3x the forward.
+
+    Tokens fed: `trl` every row whole (B x L) to every layer; `grouped` the packed row (prefix once per group, G
+    suffixes) to attention and MLPs, and to a Gated DeltaNet layer its two passes: the prefixes, one row per group
+    (P-1 columns), then the suffixes, one row per completion (C columns), each padded to whole chunks.
+    """
+    cfg = MODEL_SHAPES[shape]
+    P, C, G, groups = point.prompt_len, point.completion_len, point.group_size, point.num_groups
+    rows, width = G * groups, P + C
+    chunk, kernel = 64, cfg["linear_conv_kernel_dim"]
+    dk, dv, value_heads = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_num_value_heads"]
+    conv_channels = 2 * cfg["linear_num_key_heads"] * dk + value_heads * dv
+    delta_rule_per_token = value_heads * (4 * chunk * dk + chunk * (dk + dv) + 2 * chunk * dv + 6 * dk * dv)
+    attention_width = cfg["num_attention_heads"] * cfg["head_dim"]
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape))
+    linear_params = {}
+    for layer, layer_type in zip(model.model.layers, cfg["layer_types"]):
+        params = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        linear_params[layer_type] = linear_params.get(layer_type, 0) + params
+    num_attention = cfg["layer_types"].count("full_attention")
+    num_deltanet = cfg["layer_types"].count("linear_attention")
+
+    prefix, suffix = P - 1, G * C
+    packed = groups * (prefix + suffix)
+    fed = {
+        "trl": dict(tokens=rows * width, deltanet_scan=rows * _chunks_of(width, chunk),
+                    pairs=rows * width * (width + 1) // 2, head=rows * (width - 1) if fused_head_scores_all else rows * C),
+        "grouped": dict(tokens=packed, deltanet_scan=groups * _chunks_of(prefix, chunk) + rows * _chunks_of(C, chunk),
+                        pairs=groups * (prefix * (prefix + 1) // 2 + G * C * (prefix + C)), head=rows * C),
+    }
+    counts = {}
+    for path, f in fed.items():
+        count = FlopCount(linear_tokens=f["tokens"], attention_pairs=f["pairs"], head_positions=f["head"], head_passes=4)
+        count.parts = {
+            "linear": 6 * sum(linear_params.values()) * f["tokens"],
+            "attention": 12 * num_attention * attention_width * f["pairs"],
+            "deltanet": 3 * num_deltanet * (delta_rule_per_token * f["deltanet_scan"]
+                                             + 2 * kernel * conv_channels * f["tokens"]),
+            "head": 2 * 4 * cfg["vocab_size"] * cfg["hidden_size"] * f["head"],
+        }
+        count.flops = float(sum(count.parts.values()))
+        counts[path] = count
     return counts
 
 

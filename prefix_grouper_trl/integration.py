@@ -179,6 +179,21 @@ def check_model_supported(model) -> None:
         )
 
 
+# Layer types (transformers' `config.layer_types`) whose layer has a softmax attention: "hybrid" is Falcon-H1's and
+# Zamba2's attention-and-Mamba layer. "linear_attention" layers (Gated DeltaNet, Mamba, lightning attention) and "conv"
+# layers are mixers (see mixers/).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "hybrid")
+
+
+def expected_attention_layers(model) -> int | None:
+    """How many attention layers a forward of `model` runs (from `config.layer_types`), or None if unknown."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return sum(str(layer_type) in ATTENTION_LAYER_TYPES for layer_type in layer_types)
+    return getattr(config, "num_hidden_layers", None)
+
+
 def enable_prefix_grouping(model) -> None:
     """
     Switch a transformers model (not a PEFT or DeepSpeed wrapper) to the prefix-grouped dispatcher of its current
@@ -186,10 +201,17 @@ def enable_prefix_grouping(model) -> None:
     """
     register_prefix_grouped_attention()
     check_model_supported(model)
-    enable_mixers(model)
+    num_mixers = enable_mixers(model)
     impl = model.config._attn_implementation or "sdpa"
     if not impl.startswith(PREFIX):
-        model.set_attn_implementation(PREFIX + impl)
+        try:
+            model.set_attn_implementation(PREFIX + impl)
+        except ValueError:
+            # A model without attention (Mamba, Mamba2, Falcon-Mamba) has no attention backend to switch; its
+            # mixers carry the layout.
+            if num_mixers and expected_attention_layers(model) == 0:
+                return
+            raise
     if not model.config._attn_implementation.startswith(PREFIX):
         raise ValueError(
             f"{type(model).__name__} did not accept attn_implementation={PREFIX + impl!r} (its modeling code does not "

@@ -240,10 +240,19 @@ def check_grouped_forward(model, inner_model, grouped_forward_context, check_lay
         with torch.no_grad():
             with _recorded_outputs(backbone, prefix) as repeated_records:
                 model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            with _recorded_outputs(backbone, prefix) as grouped_records:
-                grouped(layout)
-            with _recorded_outputs(backbone, prefix) as changed_records:
-                grouped(changed_layout)
+            try:
+                with _recorded_outputs(backbone, prefix) as grouped_records:
+                    grouped(layout)
+                with _recorded_outputs(backbone, prefix) as changed_records:
+                    grouped(changed_layout)
+            except (RuntimeError, TypeError, IndexError, KeyError, AttributeError) as error:
+                raise GroupedForwardMismatch(
+                    f"Prefix grouping self-check failed for {type(inner_model).__name__}: its shared-prefix forward "
+                    f"fails on a probe batch ({type(error).__name__}: {error}), where its repeated forward runs. "
+                    "Some layer of this model does not work on a packed row (an attention or a token mixer prefix "
+                    "grouping does not know). Set prefix_grouping=False to train it with GRPOTrainer's repeated "
+                    "forward."
+                ) from error
     finally:
         inner_model.train(was_training)
     if check_layout is not None:

@@ -12,7 +12,7 @@ import trl.trainer.utils as trl_utils_module
 from trl import GRPOTrainer
 
 from .head import scored_logprobs
-from .integration import enable_prefix_grouping, grouped_forward
+from .integration import enable_prefix_grouping, expected_attention_layers, grouped_forward
 from .layout import LAYOUT_KWARG, GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
 from .mixers import mixer_modules
 from .self_check import check_grouped_forward
@@ -155,19 +155,6 @@ def _tokens_left_out(args):
     finally:
         for name, value in tokens.items():
             setattr(args, name, value)
-
-
-# Layer types (transformers' `config.layer_types`) whose layer has a softmax attention: "hybrid" is Falcon-H1's
-# attention-and-Mamba layer. "linear_attention" layers (Gated DeltaNet, Mamba, lightning attention) are mixers.
-_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "hybrid")
-
-
-def _expected_attention_layers(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return sum(str(layer_type) in _ATTENTION_LAYER_TYPES for layer_type in layer_types)
-    return getattr(config, "num_hidden_layers", None)
 
 
 def _weighted_aux_loss(inner, router_logits, layout: GroupLayout, fused_aux_loss):
@@ -355,24 +342,27 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     def _check_layout_consumed(self, inner, layout: GroupLayout) -> None:
-        expected = _expected_attention_layers(inner)
-        if layout.attention_calls == 0 or (expected is not None and layout.attention_calls < expected):
+        if id(inner) not in self._mixer_kinds:
+            self._mixer_kinds[id(inner)] = [kind.name for _, _, kind in mixer_modules(inner)]
+        mixers = self._mixer_kinds[id(inner)]
+        expected = expected_attention_layers(inner)
+        without_attention = bool(mixers) and expected == 0
+        if (layout.attention_calls == 0 and not without_attention) or (
+            expected is not None and layout.attention_calls < expected
+        ):
             raise RuntimeError(
                 f"{type(inner).__name__}: the prefix-grouped layout reached {layout.attention_calls} attention "
                 f"layer(s) of {expected}. Its modeling code does not pass `**kwargs` down to transformers' attention "
                 "interface, so the packed row would be computed without the split attention and give wrong "
                 "log-probs. Set prefix_grouping=False for this model."
             )
-        if id(inner) not in self._mixer_kinds:
-            self._mixer_kinds[id(inner)] = [kind.name for _, _, kind in mixer_modules(inner)]
-        mixers = self._mixer_kinds[id(inner)]
         if layout.mixer_calls < len(mixers):
             kinds = sorted(set(mixers))
             raise RuntimeError(
                 f"{type(inner).__name__}: the prefix-grouped layout reached {layout.mixer_calls} of its {len(mixers)} "
-                f"{' / '.join(kinds)} layers: its decoder layers do not pass the layout on, so those layers would run "
-                "over the packed row as one sequence and give wrong log-probs. Set prefix_grouping=False for this "
-                "model."
+                f"{' / '.join(kinds)} layers: its modeling code does not pass the keyword arguments of `model(...)` "
+                "down to them, so those layers would run over the packed row as one sequence and give wrong "
+                "log-probs. Set prefix_grouping=False for this model."
             )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

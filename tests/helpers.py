@@ -47,6 +47,10 @@ def _hybrid_configs():
         linear_conv_kernel_dim=4,
     )
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    no_attention = {
+        k: v for k, v in base.items() if k not in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    }
+    no_attention["num_hidden_layers"] = 2
     mamba2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
                   mamba_chunk_size=8)
     return {
@@ -96,6 +100,25 @@ def _hybrid_configs():
             num_hidden_layers=3, lru_width=32, attention_window_size=512, conv1d_width=4,
             block_types=["recurrent", "attention", "recurrent"],
         ),
+        "olmo_hybrid": lambda: tf.OlmoHybridConfig(
+            **base, intermediate_size=64, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+        "zamba2": lambda: tf.Zamba2Config(
+            **base, intermediate_size=64, num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "mamba"],
+            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8,
+        ),
+        "lfm2_moe": lambda: tf.Lfm2MoeConfig(
+            **base, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
+            num_experts=4, num_experts_per_tok=2, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+        ),
+        # Attention-free: every token mixer is a recurrence; their models do not pass `**kwargs` to their blocks.
+        "mamba": lambda: tf.MambaConfig(**no_attention, state_size=8, expand=2, conv_kernel=4),
+        "falcon_mamba": lambda: tf.FalconMambaConfig(**no_attention, state_size=8, expand=2, conv_kernel=4),
+        "mamba2": lambda: tf.Mamba2Config(
+            **no_attention, num_heads=8, head_dim=8, state_size=8, expand=2, conv_kernel=4, n_groups=2, chunk_size=8,
+        ),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(
             **base, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=16,
@@ -106,7 +129,7 @@ def _hybrid_configs():
 CONFIGS.update(_hybrid_configs())
 HYBRID_ARCHITECTURES = [
     "qwen3_5", "qwen3_5_moe", "qwen3_next", "nemotron_h", "granitemoehybrid", "falcon_h1", "jamba", "lfm2", "lfm3",
-    "bamba", "minimax",
+    "bamba", "minimax", "olmo_hybrid", "zamba2", "lfm2_moe",
 ]
 
 
@@ -129,7 +152,10 @@ def moderate_deltanet_decay(model) -> None:
 def tiny_model(arch: str = "qwen2", attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    if arch in ("mamba", "falcon_mamba", "mamba2"):  # attention-free: no attention implementation to choose
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     moderate_deltanet_decay(model)
     return model
 

@@ -39,6 +39,9 @@ MIXER_KINDS = {
     "lfm2": "short convolution",
     "lfm3": "short convolution",
     "minimax": "lightning attention",
+    "olmo_hybrid": "Gated DeltaNet",
+    "zamba2": "Mamba2",
+    "lfm2_moe": "short convolution",
 }
 
 
@@ -174,6 +177,27 @@ def test_recurrent_gemma_is_refused_naming_its_layer_kind(tmp_path):
         make_trainer(tmp_path, "recurrent_gemma")
     # With grouping off it is GRPOTrainer.
     make_trainer(tmp_path, "recurrent_gemma", prefix_grouping=False)
+
+
+def _expects_one_sequence_per_row(module, args, output):
+    if output.shape[0] == 1:
+        raise RuntimeError("this custom layer expects the batch's rows, not one packed row")
+
+
+def test_a_layer_that_fails_on_a_packed_row_is_refused_with_its_error(tmp_path):
+    model = tiny_model("qwen2")
+    model.model.layers[0].mlp.register_forward_hook(_expects_one_sequence_per_row)
+    with pytest.raises(GroupedForwardMismatch, match=r"Qwen2ForCausalLM: its shared-prefix forward fails on a probe "
+                                                     r"batch \(RuntimeError: this custom layer.*prefix_grouping=False"):
+        make_trainer(tmp_path, model=model)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "falcon_mamba", "mamba2"])
+def test_attention_free_models_that_drop_the_layout_are_refused(tmp_path, arch):
+    """MambaModel & co. call their blocks without `**kwargs`: the layout never reaches a mixer, so they are refused."""
+    with pytest.raises(RuntimeError, match=r"ForCausalLM: the prefix-grouped layout reached 0 of its 2 Mamba2? "
+                                           r"layers.*does not pass the keyword arguments.*prefix_grouping=False"):
+        make_trainer(tmp_path, arch)
 
 
 def _mix_neighbouring_positions(module, args, output):

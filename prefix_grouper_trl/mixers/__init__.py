@@ -235,6 +235,7 @@ def _register_builtin_mixers() -> None:
         "qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet",
         "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet",
         "qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet",
+        "olmo_hybrid.modeling_olmo_hybrid.OlmoHybridGatedDeltaNet",
     ):
         register_mixer("transformers.models." + path, gated_deltanet)
     for path in (
@@ -242,6 +243,8 @@ def _register_builtin_mixers() -> None:
         "granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer",
         "falcon_h1.modeling_falcon_h1.FalconH1Mixer",
         "bamba.modeling_bamba.BambaMixer",
+        "zamba2.modeling_zamba2.Zamba2MambaMixer",
+        "mamba2.modeling_mamba2.Mamba2Mixer",
     ):
         register_mixer("transformers.models." + path, mamba2)
     for path in (
@@ -250,7 +253,12 @@ def _register_builtin_mixers() -> None:
         "lfm3.modeling_lfm3.Lfm3ShortConv",
     ):
         register_mixer("transformers.models." + path, short_conv)
-    register_mixer("transformers.models.jamba.modeling_jamba.JambaMambaMixer", mamba)
+    for path in (
+        "jamba.modeling_jamba.JambaMambaMixer",
+        "mamba.modeling_mamba.MambaMixer",
+        "falcon_mamba.modeling_falcon_mamba.FalconMambaMixer",
+    ):
+        register_mixer("transformers.models." + path, mamba)
     register_mixer(
         "transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention",
         two_pass_kind("lightning attention", make_cache=LinearStateCache),
