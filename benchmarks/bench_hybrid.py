@@ -80,8 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--shape", default="cpu-hybrid", help="a hybrid shape of common.MODEL_SHAPES")
     args = parser.parse_args(argv)
-    args.shape, args.device, args.paths = "cpu-hybrid", "cpu", ["trl", "grouped"]
+    args.device, args.paths = "cpu", ["trl", "grouped"]
     args.csv = os.path.join(args.out_dir, "hybrid.csv")
     return args
 

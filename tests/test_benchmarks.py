@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_logprob, common, reference_adapter  # noqa: E402
+from benchmarks import bench_hybrid, bench_logprob, common, reference_adapter  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -141,3 +141,41 @@ def test_attention_variants_agree(tiny_shape, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "max |diff| to shipped" in line]
     assert [line.split()[0] for line in lines] == ["shipped", "rectangle", "batched", "lse_merge"]
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-5 for line in lines)
+
+
+def test_hybrid_benchmark_and_its_flop_model(tmp_path):
+    """bench_hybrid on a tiny Qwen3.5 shape: both paths agree, the table and the targets are written."""
+    common.MODEL_SHAPES["test-hybrid"] = dict(
+        common.MODEL_SHAPES["cpu-hybrid"], hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        vocab_size=128, max_position_embeddings=256,
+    )
+    try:
+        point = common.Point(prompt_len=40, completion_len=6, group_size=3)
+        counts = common.flop_counts(point, "test-hybrid")
+        # Tokens fed: every row whole vs one prefix (P-1) and G suffixes (C each); the delta rule on whole chunks.
+        assert counts["trl"].linear_tokens == 3 * 46 and counts["grouped"].linear_tokens == 39 + 3 * 6
+        # The chunked delta rule pads every sequence to whole chunks of 64: 3 x 64 vs 64 (prefix) + 3 x 64 (suffixes).
+        assert counts["trl"].parts["deltanet"] > 0 and counts["grouped"].parts["deltanet"] > 0
+        assert common.hybrid_flop_counts(common.Point(2048, 128, 8), "test-hybrid")["trl"].parts["deltanet"] > 5 * (
+            common.hybrid_flop_counts(common.Point(2048, 128, 8), "test-hybrid")["grouped"].parts["deltanet"]
+        )
+        # What bench_hybrid's sweep runs in fresh processes, here in this one (the shape exists only in this process).
+        args = bench_hybrid.parse_args(["--shape", "test-hybrid", "--out-dir", str(tmp_path), "--rounds", "1"])
+        case = common.PointCase(point, tuple(args.paths), args.shape, rounds=1)
+        raw = common.run_point_case(case)
+        raw["paths"]["grouped"]["peak_mib"] = common.run_memory_case(
+            common.PointCase(point, ("grouped",), args.shape)
+        )["peak_mib"]
+        rows = bench_logprob.summarize(point, raw, args, common.environment(), "test")
+        assert {row["path"] for row in rows} == {"trl", "grouped"}
+        assert all(float(row["max_abs_logp_diff_vs_trl"]) < 1e-5 for row in rows)
+        bench_hybrid.TARGET_POINT, target = point, bench_hybrid.TARGET_POINT
+        try:
+            lines = bench_hybrid.report({point: {row["path"]: row for row in rows}}, args, common.environment(), "test")
+        finally:
+            bench_hybrid.TARGET_POINT = target
+        written = (tmp_path / "hybrid_latest.md").read_text()
+        assert "P=40 C=6 G=3" in written and "peak memory" in written and len(lines) == 2
+    finally:
+        del common.MODEL_SHAPES["test-hybrid"]
