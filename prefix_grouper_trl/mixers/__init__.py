@@ -215,8 +215,11 @@ def two_pass_kind(name: str, make_cache=None, on_suffix_pass=None) -> MixerKind:
     make_cache = make_cache or GroupStateCache
 
     def run(forward, module, hidden_states, layout: GroupLayout, kwargs):
+        cache_kwarg = module.__dict__.get("_prefix_grouper_cache_kwarg")
+        if cache_kwarg is None:
+            cache_kwarg = module._prefix_grouper_cache_kwarg = cache_kwarg_of(forward)
         return run_two_pass(
-            forward, module, hidden_states, layout, kwargs, cache_kwarg_of(forward), make_cache,
+            forward, module, hidden_states, layout, kwargs, cache_kwarg, make_cache,
             None if on_suffix_pass is None else (lambda cache: on_suffix_pass(module, cache)),
         )
 
