@@ -165,12 +165,16 @@ def _check_padding(mask: torch.Tensor, side: str, name: str) -> None:
         )
 
 
-def find_prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+def find_prompt_groups(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, extra_keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """
     Group id of each row, equal for rows whose real prompt tokens are identical.
 
     Args:
         prompt_ids (`(B, P)` long), prompt_mask (`(B, P)`): left-padded prompts.
+        extra_keys (`(B, E)` long, optional): more of the prompt than its tokens, e.g. the ids of the distinct images
+            a row's image placeholders stand for (see `multimodal.py`); rows share a group only if these match too.
 
     Returns:
         `(B,)` long, ids `0..num_groups-1` numbered in order of first appearance. Padding values are ignored, so
@@ -178,6 +182,8 @@ def find_prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> t
         length and never does.
     """
     keyed = prompt_ids.masked_fill(prompt_mask == 0, -1)
+    if extra_keys is not None:
+        keyed = torch.cat([keyed, extra_keys.to(keyed.device, keyed.dtype)], dim=1)
     _, inverse = torch.unique(keyed, dim=0, return_inverse=True)
     # Renumber by first appearance so the packed order follows the batch order.
     batch_size = inverse.numel()
@@ -190,7 +196,11 @@ def find_prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> t
 
 
 def build_group_layout(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, feed_every_token: bool = False
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    feed_every_token: bool = False,
+    group_ids: torch.Tensor | None = None,
 ) -> GroupLayout | None:
     """
     Build the packed layout of one micro-batch.
@@ -204,6 +214,8 @@ def build_group_layout(
             with an empty completion. Every real token of the repeated forward is then fed once, except prefix tokens,
             fed once per group; `token_weights` counts how many rows each packed token stands for. Statistics over
             all tokens (an MoE load-balancing loss) are then exactly the repeated forward's.
+        group_ids (`(B,)` long, optional): the group of each row, when more than the prompt tokens decides it (see
+            `find_prompt_groups`'s `extra_keys`); rows of one group must have identical prompt tokens.
 
     Returns:
         The [`GroupLayout`], or `None` when no row has a completion token to score (never with `feed_every_token`).
@@ -234,7 +246,10 @@ def build_group_layout(
         row = int((prompt_lens == 0).nonzero()[0])
         raise ValueError(f"Row {row} has an empty prompt (prompt_mask all 0); every GRPO prompt needs a token.")
 
-    group_ids = find_prompt_groups(input_ids[:, :prompt_width], prompt_mask)
+    if group_ids is None:
+        group_ids = find_prompt_groups(input_ids[:, :prompt_width], prompt_mask)
+    else:
+        group_ids = group_ids.to(device)
 
     # Rows with something to feed, ordered by group then by row.
     kept_rows = (completion_lens > 0 if not feed_every_token else torch.ones_like(completion_lens, dtype=torch.bool))
@@ -332,12 +347,17 @@ def build_group_layout(
 
 
 def plan_row_chunks(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, token_budget: int
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    token_budget: int,
+    group_ids: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """
     Split the rows of a batch into chunks whose packed rows hold at most `token_budget` tokens, keeping a group's
     rows together where they fit. TRL chunks `batch_size` rows of `L` tokens each; with `token_budget = batch_size * L`
-    no chunk packs more tokens than one of TRL's, so the peak activation memory is not higher.
+    no chunk packs more tokens than one of TRL's, so the peak activation memory is not higher. `group_ids` as in
+    `build_group_layout`.
 
     Returns:
         A list of `(n_i,)` long tensors of row indices, groups contiguous, covering every row once.
@@ -347,7 +367,9 @@ def plan_row_chunks(
     mask = attention_mask.bool()
     prompt_lens = mask[:, :prompt_width].sum(1).tolist()
     completion_lens = mask[:, prompt_width:].sum(1).tolist()
-    group_ids = find_prompt_groups(input_ids[:, :prompt_width], mask[:, :prompt_width]).tolist()
+    if group_ids is None:
+        group_ids = find_prompt_groups(input_ids[:, :prompt_width], mask[:, :prompt_width])
+    group_ids = group_ids.tolist()
     rows_by_group: dict[int, list[int]] = {}
     for row, group in enumerate(group_ids):
         rows_by_group.setdefault(group, []).append(row)

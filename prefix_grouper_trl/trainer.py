@@ -15,20 +15,8 @@ from .head import scored_logprobs
 from .integration import enable_prefix_grouping, expected_attention_layers, grouped_forward
 from .layout import LAYOUT_KWARG, GroupLayout, build_group_layout, find_prompt_groups, plan_row_chunks
 from .mixers import mixer_modules
+from .multimodal import MultimodalUnsupported, has_visual_inputs, prepare_visual_batch, row_visual_keys
 from .self_check import check_grouped_forward
-
-_MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 
 def shuffle_groups_sequence_dict(seq_dict: dict[str, Sequence | None]) -> dict[str, Sequence | None]:
@@ -44,7 +32,9 @@ def shuffle_groups_sequence_dict(seq_dict: dict[str, Sequence | None]) -> dict[s
     permutation = torch.randperm(batch_size)
     prompt_ids, prompt_mask = seq_dict.get("prompt_ids"), seq_dict.get("prompt_mask")
     if isinstance(prompt_ids, torch.Tensor) and isinstance(prompt_mask, torch.Tensor):
-        group_of_row = find_prompt_groups(prompt_ids.cpu(), prompt_mask.cpu())
+        # Rows with the same text but other images are other groups (see multimodal.py).
+        visual_keys = row_visual_keys(seq_dict)
+        group_of_row = find_prompt_groups(prompt_ids.cpu(), prompt_mask.cpu(), visual_keys)
         group_at = group_of_row[permutation]
         first_position = torch.full((batch_size,), batch_size, dtype=torch.long)
         first_position = first_position.scatter_reduce(0, group_at, torch.arange(batch_size), reduce="amin")
@@ -197,7 +187,7 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         self.prefix_grouping_shuffle_groups = self.prefix_grouping and getattr(
             self.args, "prefix_grouping_shuffle_groups", True
         )
-        self._warned_multimodal_fallback = False
+        self._warned_multimodal_fallback: set[str] = set()
         self._checked_models: set[int] = set()
         self._mixer_kinds: dict[int, list[str]] = {}
         if self.prefix_grouping:
@@ -264,27 +254,33 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         if not self.prefix_grouping:
             return parent_call()
         self._check_model_once(model)
-        if any(multimodal_inputs.get(key) is not None for key in _MULTIMODAL_KEYS):
-            if not self._warned_multimodal_fallback:
-                warnings.warn(
-                    "PrefixGroupedGRPOTrainer: this batch has multimodal inputs, which prefix grouping does not "
-                    "support yet; computing it with GRPOTrainer's repeated forward (same result, no sharing).",
-                    stacklevel=2,
+        visual = None
+        if has_visual_inputs(multimodal_inputs):
+            try:
+                visual = prepare_visual_batch(
+                    self._transformers_model(model), input_ids, attention_mask, logits_to_keep, multimodal_inputs
                 )
-                self._warned_multimodal_fallback = True
-            return parent_call()
+            except MultimodalUnsupported as reason:
+                self._warn_multimodal_fallback(model, str(reason))
+                return parent_call()
+        group_ids = None if visual is None else visual.group_ids
 
         num_rows, width = input_ids.shape
         if batch_size is None or batch_size >= num_rows:
             row_chunks = [None]
         else:
-            row_chunks = plan_row_chunks(input_ids, attention_mask, logits_to_keep, token_budget=batch_size * width)
+            row_chunks = plan_row_chunks(
+                input_ids, attention_mask, logits_to_keep, token_budget=batch_size * width, group_ids=group_ids
+            )
 
         logps_parts, entropy_parts, aux_losses, layouts = [], [], [], []
         for rows in row_chunks:
             chunk_ids = input_ids if rows is None else input_ids[rows]
             chunk_mask = attention_mask if rows is None else attention_mask[rows]
-            layout = build_group_layout(chunk_ids, chunk_mask, logits_to_keep, feed_every_token=compute_aux_loss)
+            chunk_groups = None if group_ids is None else (group_ids if rows is None else group_ids[rows])
+            layout = build_group_layout(
+                chunk_ids, chunk_mask, logits_to_keep, feed_every_token=compute_aux_loss, group_ids=chunk_groups
+            )
             if layout is None:
                 # Nothing to score in this chunk (every completion empty): TRL's forward returns zeros that stay
                 # connected to the model, which the loss needs to backpropagate.
@@ -292,7 +288,9 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
                     model, chunk_ids, chunk_mask, logits_to_keep, None, compute_entropy, compute_aux_loss
                 )
             else:
-                logps, entropies, aux_loss = self._grouped_forward(model, layout, compute_entropy, compute_aux_loss)
+                logps, entropies, aux_loss = self._grouped_forward(
+                    model, layout, compute_entropy, compute_aux_loss, visual=visual, rows=rows
+                )
                 layouts.append(layout)
             logps_parts.append(logps)
             entropy_parts.append(entropies)
@@ -311,13 +309,18 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
             self._log_sharing(layouts)
         return logps, entropies, aux_loss
 
-    def _grouped_forward(self, model, layout: GroupLayout, compute_entropy: bool, compute_aux_loss: bool):
+    def _grouped_forward(
+        self, model, layout: GroupLayout, compute_entropy: bool, compute_aux_loss: bool, visual=None, rows=None
+    ):
         """
         Log-probs and entropies `(B, K)` of one packed row, and the MoE load-balancing loss. TRL's fused forward
         computes that loss over the tokens it is given, every token counting once; the repeated forward counts each
         prompt once per row. So with `compute_aux_loss` the layout feeds every token (`feed_every_token`) and the loss
         is recomputed from the router logits with `token_weights` (transformers' own `load_balancing_loss_func`
         takes them as its mask), which is exactly the repeated forward's.
+
+        `visual` (a `multimodal.VisualBatch`, with the rows `rows` of its batch in this layout) adds the packed row's
+        multimodal positions and its images' features, encoded once per distinct image.
         """
         model_inputs = {
             "input_ids": layout.input_ids,
@@ -329,6 +332,10 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         inner = self._transformers_model(model)
+        if visual is not None:
+            # The vision tower runs outside `grouped_forward()`: it builds its own masks, which must not be dropped.
+            with self.accelerator.autocast():
+                model_inputs.update(visual.model_inputs(layout, rows))
         captured = {}
         with grouped_forward(), _scored_positions_only(inner, layout.scored_positions, captured), _cpu_head_in_trl():
             with self.accelerator.autocast():
@@ -364,6 +371,17 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
                 "down to them, so those layers would run over the packed row as one sequence and give wrong "
                 "log-probs. Set prefix_grouping=False for this model."
             )
+
+    def _warn_multimodal_fallback(self, model, reason: str) -> None:
+        name = type(self._transformers_model(model)).__name__
+        if reason in self._warned_multimodal_fallback:
+            return
+        self._warned_multimodal_fallback.add(reason)
+        warnings.warn(
+            f"PrefixGroupedGRPOTrainer: a batch of {name} with images or videos is computed with GRPOTrainer's "
+            f"repeated forward (same result, no sharing): {reason}.",
+            stacklevel=3,
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints and `save_model` write `training_args.bin` here; keep tokens out of it.

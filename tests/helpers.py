@@ -256,3 +256,144 @@ def assert_close_verbose(name, actual, expected, atol=0.0, rtol=0.0):
 def max_relative_diff(actual, expected):
     """max |a - e| / max |e|: the gradient criterion of the equivalence tests."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny vision-language models and their micro-batches
+# ----------------------------------------------------------------------------------------------------------------------
+
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 60, 61, 62, 63
+_PATCH, _TEMPORAL_PATCH, _MERGE = 2, 2, 2
+PATCH_DIM = 3 * _TEMPORAL_PATCH * _PATCH * _PATCH
+
+
+def _vlm_configs():
+    import transformers as tf
+
+    text = {k: v for k, v in _COMMON.items() if k != "num_hidden_layers"}
+    ids = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+               vision_end_token_id=VISION_END_ID)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=_PATCH,
+                  spatial_merge_size=_MERGE, temporal_patch_size=_TEMPORAL_PATCH, in_channels=3)
+    mrope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    interleaved = {**mrope, "mrope_interleaved": True}
+    deltanet = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_conv_kernel_dim=4)
+    return {
+        "qwen2_5_vl": lambda: tf.Qwen2_5_VLConfig(
+            text_config=dict(**text, num_hidden_layers=2, rope_parameters=mrope),
+            vision_config=dict(**vision, window_size=8, fullatt_block_indexes=[1]), **ids,
+        ),
+        "qwen3_vl": lambda: tf.Qwen3VLConfig(
+            text_config=dict(**text, num_hidden_layers=2, head_dim=8, rope_parameters=interleaved),
+            vision_config=dict(**vision, num_position_embeddings=64, deepstack_visual_indexes=[0]), **ids,
+        ),
+        # Gated DeltaNet 1:1 with full attention (every Qwen3.5 checkpoint is a hybrid).
+        "qwen3_5_vl": lambda: tf.Qwen3_5Config(
+            text_config=dict(**text, num_hidden_layers=2, head_dim=8, **deltanet,
+                             layer_types=["linear_attention", "full_attention"],
+                             rope_parameters={**interleaved, "partial_rotary_factor": 1.0}),
+            vision_config=dict(**vision, num_position_embeddings=64), **ids,
+        ),
+    }
+
+
+VLM_CONFIGS = _vlm_configs()
+VLM_ARCHITECTURES = list(VLM_CONFIGS)
+# Qwen3-VL and Qwen3.5 processors put a timestamp between the frames of a video, each frame its own placeholder run.
+_FRAMES_SEPARATED = {"qwen3_vl", "qwen3_5_vl"}
+
+
+def tiny_vlm(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(VLM_CONFIGS[arch](), attn_implementation=attn_implementation,
+                                                    dtype=torch.float32)
+    moderate_deltanet_decay(model)
+    return model
+
+
+def image(key: int, height: int, width: int) -> tuple:
+    """A prompt part: an image of `height x width` merged tokens, its pixels drawn from seed `key`."""
+    return ("image", key, 1, height, width)
+
+
+def video(key: int, frames: int, height: int, width: int) -> tuple:
+    """A prompt part: a video of `frames` temporal patches of `height x width` merged tokens each."""
+    return ("video", key, frames, height, width)
+
+
+def text(key: int, length: int) -> tuple:
+    """A prompt part: `length` text tokens drawn from seed `key` (same key and length, same tokens)."""
+    return ("text", key, length)
+
+
+def make_vlm_batch(arch: str, prompts: dict, rows: list, width_completion=None, seed: int = 0, extra_prompt_pad=0):
+    """
+    A TRL-style vision-language micro-batch.
+
+    Args:
+        prompts: prompt name -> list of parts (`text(...)`, `image(...)`, `video(...)`).
+        rows: `(prompt name, completion length)` per row.
+
+    Returns `(input_ids, attention_mask, logits_to_keep, multimodal kwargs)`; the kwargs hold `pixel_values`,
+    `image_grid_thw`, `num_images`, `mm_token_type_ids` as TRL passes them, and `pixel_values_videos`,
+    `video_grid_thw` when a prompt has a video.
+    """
+    separated = arch in _FRAMES_SEPARATED
+
+    def tokens_of(parts):
+        tokens, types, images, videos = [], [], [], []
+        for part in parts:
+            if part[0] == "text":
+                generator = torch.Generator().manual_seed(1000 + part[1])
+                drawn = torch.randint(4, IMAGE_TOKEN_ID, (part[2],), generator=generator).tolist()
+                tokens += drawn
+                types += [0] * len(drawn)
+                continue
+            kind, key, frames, height, width = part
+            per_frame = height * width
+            grid = [frames, height * _MERGE, width * _MERGE]
+            generator = torch.Generator().manual_seed(5000 + key)
+            pixels = torch.randn(frames * height * width * _MERGE * _MERGE, PATCH_DIM, generator=generator)
+            if kind == "image":
+                tokens += [VISION_START_ID] + [IMAGE_TOKEN_ID] * per_frame + [VISION_END_ID]
+                types += [0] + [1] * per_frame + [0]
+                images.append((pixels, grid))
+            else:
+                runs = [per_frame] * frames if separated else [per_frame * frames]
+                for index, run in enumerate(runs):
+                    if index:
+                        tokens.append(5 + index)  # a timestamp
+                        types.append(0)
+                    tokens += [VISION_START_ID] + [VIDEO_TOKEN_ID] * run + [VISION_END_ID]
+                    types += [0] + [2] * run + [0]
+                videos.append((pixels, grid))
+        tokens.append(4)  # prompts end with text (the assistant turn's opening)
+        types.append(0)
+        return tokens, types, images, videos
+
+    built = {name: tokens_of(parts) for name, parts in prompts.items()}
+    width_prompt = max(len(built[name][0]) for name, _ in rows) + extra_prompt_pad
+    width_completion = width_completion or max(max(length for _, length in rows), 1)
+    generator = torch.Generator().manual_seed(seed)
+    ids, masks, types, pixel_blocks, grids, num_images, video_blocks, video_grids = [], [], [], [], [], [], [], []
+    for name, completion_len in rows:
+        tokens, token_types, images, videos = built[name]
+        pad_left, pad_right = width_prompt - len(tokens), width_completion - completion_len
+        completion = torch.randint(4, IMAGE_TOKEN_ID, (completion_len,), generator=generator).tolist()
+        ids.append([0] * pad_left + tokens + completion + [0] * pad_right)
+        masks.append([0] * pad_left + [1] * (len(tokens) + completion_len) + [0] * pad_right)
+        types.append([0] * pad_left + token_types + [0] * (completion_len + pad_right))
+        pixel_blocks += [pixels for pixels, _ in images]
+        grids += [grid for _, grid in images]
+        num_images.append(len(images))
+        video_blocks += [pixels for pixels, _ in videos]
+        video_grids += [grid for _, grid in videos]
+    inputs = {"mm_token_type_ids": torch.tensor(types)}
+    if pixel_blocks:
+        inputs.update(pixel_values=torch.cat(pixel_blocks), image_grid_thw=torch.tensor(grids), num_images=num_images)
+    if video_blocks:
+        inputs.update(pixel_values_videos=torch.cat(video_blocks), video_grid_thw=torch.tensor(video_grids))
+    return torch.tensor(ids), torch.tensor(masks), width_completion, inputs
