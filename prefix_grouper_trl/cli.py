@@ -184,7 +184,7 @@ def reward_function_registry() -> dict:
         think_format_reward,
     )
 
-    from .demo.rewards import key_lookup_reward, tldr_unigram_f1_reward
+    from .demo.rewards import colour_reward, key_lookup_reward, tldr_unigram_f1_reward
 
     return {
         "accuracy_reward": accuracy_reward,
@@ -193,6 +193,7 @@ def reward_function_registry() -> dict:
         # The same parameters as `trl grpo` uses for this name.
         "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
         "key_lookup_reward": key_lookup_reward,
+        "colour_reward": colour_reward,
         "tldr_unigram_f1_reward": tldr_unigram_f1_reward,
     }
 
@@ -277,7 +278,7 @@ def load_datasets(script_args, training_args, dataset_args):
 
 def resolve_model(model_args):
     """``(model name or local folder, processing class or None)``; ``builtin:`` models are written on first use."""
-    from .demo.builtin import is_builtin, materialize_builtin_model
+    from .demo.builtin import is_builtin, load_builtin_processing_class, materialize_builtin_model
 
     name = model_args.model_name_or_path
     if not name:
@@ -288,12 +289,7 @@ def resolve_model(model_args):
         folder = materialize_builtin_model(name)
     except ValueError as error:
         raise RecipeError(f"model_name_or_path: {error}") from error
-    from transformers import PreTrainedTokenizerFast
-
-    # transformers maps model_type "qwen2" to Qwen2Tokenizer (byte-level BPE), which would rebuild our word-level
-    # tokenizer wrongly; loading the generic class keeps tokenizer.json as it is.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, padding_side="left", truncation_side="left")
-    return folder, tokenizer
+    return folder, load_builtin_processing_class(name, folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,6 +373,7 @@ def train(script_args, training_args, model_args, dataset_args) -> dict:
     from trl import get_peft_config, get_quantization_config
 
     from . import PrefixGroupedGRPOTrainer
+    from .progress import use_reward_progress_bar
 
     # torch sized its thread pool when it was imported, before the recipe's `env:` was applied; honour the recipe.
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -409,6 +406,7 @@ def train(script_args, training_args, model_args, dataset_args) -> dict:
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    use_reward_progress_bar(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:

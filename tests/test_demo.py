@@ -14,9 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from prefix_grouper_trl.demo import (
+    ColourTask,
     KeyLookupTask,
+    build_colour_processor,
     build_key_lookup_tokenizer,
+    colour_reward,
     key_lookup_reward,
+    load_builtin_processing_class,
+    make_colour_dataset,
     make_key_lookup_dataset,
     materialize_builtin_model,
 )
@@ -89,6 +94,58 @@ def test_builtin_model_folder_is_written_once_and_loads():
     assert torch.equal(next(AutoModelForCausalLM.from_pretrained(folder).parameters()), reference)
 
 
+def test_colour_task_rows():
+    from prefix_grouper_trl.demo.colour_task import COLOURS, IMAGE_SIZE, QUESTION as COLOUR_QUESTION
+
+    dataset = make_colour_dataset(ColourTask(num_colours=3, num_train=40, num_test=4, seed=3))
+    assert dataset["train"].column_names == ["prompt", "image", "answer"]
+    answers = set()
+    for row in dataset["train"]:
+        assert row["prompt"] == [{"role": "user", "content": COLOUR_QUESTION}]
+        assert row["image"].size == (IMAGE_SIZE, IMAGE_SIZE)
+        # The shape's colour is in the picture, exactly.
+        assert COLOURS[row["answer"]] in {colour for _, colour in row["image"].getcolors(IMAGE_SIZE**2)}
+        answers.add(row["answer"])
+    assert answers == set(list(COLOURS)[:3])
+    assert ColourTask.from_spec("num_colours=2") == ColourTask(num_colours=2)
+    with pytest.raises(ValueError, match="num_shapes"):
+        ColourTask.from_spec("num_shapes=2")
+
+
+def test_colour_reward():
+    completions = ["red", "red w1", "blue", "w1 red", "", [{"role": "assistant", "content": "red"}]]
+    assert colour_reward(completions, ["red"] * 6) == [1.0, 0.6, 0.2, 0.0, 0.0, 1.0]
+
+
+def test_offline_processor_expands_the_image_like_qwen():
+    from PIL import Image
+
+    processor = build_colour_processor()
+    picture = Image.new("RGB", (48, 48), (9, 9, 9))
+    content = [{"type": "image", "image": picture}, {"type": "text", "text": "what colour is the shape ?"}]
+    messages = [[{"role": "user", "content": content}]]
+    batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    image_token_id = processor.image_token_id
+    assert int((batch["input_ids"] == image_token_id).sum()) == 36  # 12 x 12 patches, 2 x 2 merged
+    assert batch["image_grid_thw"].tolist() == [[1, 12, 12]] and batch["pixel_values"].shape[0] == 144
+    assert torch.equal(batch["mm_token_type_ids"][0].bool(), batch["input_ids"][0] == image_token_id)
+    text = processor.decode(batch["input_ids"][0])
+    assert text.startswith("<|im_start|> user <|vision_start|>") and text.endswith("<|im_start|> assistant")
+    assert processor.decode([processor.tokenizer.convert_tokens_to_ids("red")]) == "red"
+
+
+def test_builtin_vision_language_model_loads_with_its_processor():
+    from transformers import AutoModelForImageTextToText
+
+    folder = materialize_builtin_model("builtin:tiny-qwen2.5-vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    processor = load_builtin_processing_class("builtin:tiny-qwen2.5-vl", folder)
+    assert model.config.image_token_id == processor.image_token_id
+    assert model.config.get_text_config().vocab_size == len(processor.tokenizer)
+
+
 def run_cli(args, env_overrides, cwd=REPO, timeout=900):
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(env_overrides)
@@ -142,3 +199,34 @@ def test_demo_command_learns_and_reports(tmp_path):
         "mean reward   : ",
     ):
         assert line in result.stdout, result.stdout[-2000:]
+    # Progress is one bar with the reward and step time, not a printed dict per step.
+    assert "reward=" in result.stderr and "step=" in result.stderr
+    assert "{'loss'" not in result.stdout + result.stderr
+
+
+# Steps of the shortened vision demo (the recipe runs 300).
+SHORT_VLM_STEPS = 40
+
+
+@pytest.mark.slow
+def test_vision_demo_command_learns_and_reports(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_cli(
+        ["--config", "recipes/tiny-vlm-cpu.yaml", "--max_steps", str(SHORT_VLM_STEPS),
+         "--output_dir", str(output_dir)],
+        {"PREFIX_GROUPER_TRL_HOME": str(tmp_path / "home"), "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    history = json.loads((output_dir / "log_history.json").read_text())
+    rewards = [entry["reward"] for entry in history if "reward" in entry]
+    assert len(rewards) == SHORT_VLM_STEPS
+    window = SHORT_VLM_STEPS // 5
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    assert last > first + 0.1, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
+    saved = [entry["prefix_grouper/tokens_saved_frac"] for entry in history
+             if "prefix_grouper/tokens_saved_frac" in entry]
+    assert saved and min(saved) > 0.8
+    assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wandb (offline) : " in result.stdout and "mean reward   : " in result.stdout
+    # Progress is one bar with the reward, not a printed dict per step.
+    assert "reward=" in result.stderr and "{'loss'" not in result.stdout + result.stderr

@@ -27,7 +27,8 @@ def recipe_command(recipe: Path) -> list[str]:
 
 def test_the_recipes_are_there():
     names = {recipe.stem for recipe in RECIPES}
-    assert "tiny-cpu" in names
+    assert {"tiny-cpu", "tiny-vlm-cpu"} <= names
+    assert any("-vl-" in name for name in names), "a GPU recipe for a vision-language model"
     assert any("zero2" in name for name in names) and any("zero3" in name for name in names)
     assert any("lora" in name for name in names)
     assert any(name.startswith("qwen2.5-1.5b-instruct") for name in names)
@@ -49,7 +50,7 @@ def test_recipe_command_parses(recipe, monkeypatch):
     assert training_args.output_dir.startswith("outputs/")
     assert "wandb" in training_args.report_to
     assert resolve_reward_funcs(script_args)
-    if recipe.stem != "tiny-cpu":
+    if not recipe.stem.startswith("tiny-"):
         assert model_args.attn_implementation == "flash_attention_2" and model_args.dtype == "bfloat16"
         assert training_args.bf16
     if "lora" in recipe.stem:
@@ -78,3 +79,20 @@ def test_unknown_key_fails_the_recipe(recipe, tmp_path, monkeypatch):
     broken.write_text(recipe.read_text() + "\nper_device_train_bach_size: 8\n")
     with pytest.raises(RecipeError, match=r"Unknown key in recipe .*: 'per_device_train_bach_size'"):
         parse_grpo_args(["--config", str(broken), "--use_cpu", "true"])
+
+
+def test_multimodal_open_r1_rows_are_mapped_for_trl():
+    """The GPU VLM recipe's dataset adapter, on a row shaped like the hub dataset's (nothing downloaded)."""
+    from datasets import Dataset, DatasetDict
+
+    from prefix_grouper_trl.demo.builtin import multimodal_open_r1_dropped, multimodal_open_r1_row
+
+    hub_like = DatasetDict({"train": Dataset.from_dict(
+        {"image": [None], "problem": ["Find x. "], "solution": ["<answer>3</answer>"], "original_question": ["q"],
+         "original_answer": ["a"]}
+    )})
+    mapped = hub_like.map(multimodal_open_r1_row, remove_columns=multimodal_open_r1_dropped(hub_like))["train"]
+    assert sorted(mapped.column_names) == ["image", "prompt", "solution"]
+    prompt = mapped[0]["prompt"]
+    assert prompt[0]["role"] == "user" and prompt[0]["content"].startswith("Find x. Think step by step")
+    assert "\\boxed{}" in prompt[0]["content"]

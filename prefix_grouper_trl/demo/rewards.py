@@ -1,8 +1,9 @@
 """
 Rewards used by the shipped recipes, in TRL's reward-function shape: ``f(completions, <column>, **kwargs) -> floats``.
 
-`key_lookup_reward` scores the builtin key-lookup task (``recipes/tiny-cpu.yaml``); `tldr_unigram_f1_reward` scores
-summaries of ``trl-lib/tldr`` against the dataset's reference summary (the GPU recipes).
+`key_lookup_reward` scores the builtin key-lookup task (``recipes/tiny-cpu.yaml``), `colour_reward` the builtin colour
+task (``recipes/tiny-vlm-cpu.yaml``); `tldr_unigram_f1_reward` scores summaries of ``trl-lib/tldr`` against the
+dataset's reference summary (the GPU recipes).
 
 Key lookup:
 
@@ -20,6 +21,7 @@ already earns something, and only the exact one-word answer earns full reward.
 import re
 from collections import Counter
 
+from .colour_task import COLOUR_WORDS
 from .task import VALUE_WORDS
 
 
@@ -30,8 +32,8 @@ def _completion_text(completion) -> str:
     return str(completion)
 
 
-def key_lookup_reward(completions, answer, **kwargs) -> list[float]:
-    """Score each completion against the value word hidden in its prompt (column ``answer``)."""
+def _one_word_reward(completions, answer, words_of_kind) -> list[float]:
+    """1.0 for exactly ``[answer]``, 0.6 for ``[answer, ...]``, 0.2 for another word of the kind first, else 0.0."""
     rewards = []
     for completion, expected in zip(completions, answer, strict=True):
         words = _completion_text(completion).split()
@@ -39,11 +41,21 @@ def key_lookup_reward(completions, answer, **kwargs) -> list[float]:
             rewards.append(1.0)
         elif words and words[0] == expected:
             rewards.append(0.6)
-        elif words and words[0] in VALUE_WORDS:
+        elif words and words[0] in words_of_kind:
             rewards.append(0.2)
         else:
             rewards.append(0.0)
     return rewards
+
+
+def key_lookup_reward(completions, answer, **kwargs) -> list[float]:
+    """Score each completion against the value word hidden in its prompt (column ``answer``)."""
+    return _one_word_reward(completions, answer, VALUE_WORDS)
+
+
+def colour_reward(completions, answer, **kwargs) -> list[float]:
+    """Score each completion against the colour of the shape in its image (column ``answer``), as above."""
+    return _one_word_reward(completions, answer, COLOUR_WORDS)
 
 
 _WORD = re.compile(r"[a-z0-9']+")

@@ -67,20 +67,26 @@ class KeyLookupTask:
 
         An empty or missing spec gives the defaults; an unknown name is an error that lists the known ones.
         """
-        if not spec:
-            return cls()
-        known = {field.name: field.type for field in fields(cls)}
-        values = {}
-        for item in spec.split(","):
-            name, sep, raw = item.partition("=")
-            name = name.strip()
-            if not sep or name not in known:
-                raise ValueError(
-                    f"dataset_config: cannot read {item.strip()!r} for the builtin key-lookup dataset; expected "
-                    f"comma-separated NAME=INT with NAME in {sorted(known)}."
-                )
-            values[name] = int(raw)
-        return cls(**values)
+        return task_from_spec(cls, spec, "key-lookup")
+
+
+def task_from_spec(task_class, spec: str | None, dataset: str):
+    """A task dataclass from ``"name=int,name=int"``; the defaults where a spec is empty, an error naming the known
+    names for anything else."""
+    if not spec:
+        return task_class()
+    known = {field.name for field in fields(task_class)}
+    values = {}
+    for item in spec.split(","):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(
+                f"dataset_config: cannot read {item.strip()!r} for the builtin {dataset} dataset; expected "
+                f"comma-separated NAME=INT with NAME in {sorted(known)}."
+            )
+        values[name] = int(raw)
+    return task_class(**values)
 
 
 def make_example(task: KeyLookupTask, rng: random.Random) -> dict:
