@@ -295,13 +295,33 @@ def _vlm_configs():
                              rope_parameters={**interleaved, "partial_rotary_factor": 1.0}),
             vision_config=dict(**vision, num_position_embeddings=64), **ids,
         ),
+        "qwen2_vl": lambda: tf.Qwen2VLConfig(
+            text_config=dict(**text, num_hidden_layers=2, rope_parameters=mrope),
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=4, patch_size=_PATCH,
+                               spatial_merge_size=_MERGE, temporal_patch_size=_TEMPORAL_PATCH, in_channels=3),
+            **ids,
+        ),
+        "qwen3_vl_moe": lambda: tf.Qwen3VLMoeConfig(
+            text_config=dict(**text, num_hidden_layers=2, head_dim=8, rope_parameters=interleaved, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1),
+            vision_config=dict(**vision, num_position_embeddings=64, deepstack_visual_indexes=[0]), **ids,
+        ),
+        "qwen3_5_moe_vl": lambda: tf.Qwen3_5MoeConfig(
+            text_config=dict(**text, num_hidden_layers=2, head_dim=8, **deltanet, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                             layer_types=["linear_attention", "full_attention"],
+                             rope_parameters={**interleaved, "partial_rotary_factor": 1.0}),
+            vision_config=dict(**vision, num_position_embeddings=64), **ids,
+        ),
     }
 
 
 VLM_CONFIGS = _vlm_configs()
-VLM_ARCHITECTURES = list(VLM_CONFIGS)
+# The families the issue names; the others registered in multimodal.py get one case each.
+VLM_ARCHITECTURES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5_vl"]
+MORE_VLM_ARCHITECTURES = ["qwen2_vl", "qwen3_vl_moe", "qwen3_5_moe_vl"]
 # Qwen3-VL and Qwen3.5 processors put a timestamp between the frames of a video, each frame its own placeholder run.
-_FRAMES_SEPARATED = {"qwen3_vl", "qwen3_5_vl"}
+_FRAMES_SEPARATED = {"qwen3_vl", "qwen3_5_vl", "qwen3_vl_moe", "qwen3_5_moe_vl"}
 
 
 def tiny_vlm(arch: str, attn_implementation: str = "sdpa", seed: int = 0):

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from helpers import (
+    MORE_VLM_ARCHITECTURES,
     VLM_ARCHITECTURES,
     assert_close_verbose,
     grpo_args,
@@ -157,6 +158,16 @@ def test_matches_repeated_forward(vlm_trainer, case):
     repeated, grouped = assert_vlm_equivalent(vlm_trainer, *batch)
     if case != "empty_completions":
         assert grouped < repeated
+
+
+@pytest.mark.parametrize("arch", MORE_VLM_ARCHITECTURES)
+def test_other_registered_families(tmp_path, arch):
+    """Qwen2-VL and the MoE variants go through the same interface: one mixed case each, images and videos."""
+    trainer = make_vlm_trainer(tmp_path, arch)
+    prompts = {"a": [text(1, 3), image(1, 2, 2), video(1, 2, 1, 1)], "b": [text(1, 3), image(2, 2, 2), video(1, 2, 1, 1)]}
+    input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch(arch, prompts, [("a", 3), ("b", 2), ("a", 4)])
+    inputs.pop("num_images")
+    assert_vlm_equivalent(trainer, input_ids, attention_mask, logits_to_keep, inputs, reference=repeated_forward)
 
 
 def test_videos_and_images_together(vlm_trainer):
@@ -373,3 +384,18 @@ def tiny_vlm_from(model_dir):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl_moe", "qwen3_5_moe_vl"])
+def test_moe_aux_loss_with_images(tmp_path, arch):
+    """`output_router_logits`: the load-balancing loss weights each shared prompt token by its group's rows."""
+    trainer = make_vlm_trainer(tmp_path, arch)
+    prompts = {"a": [text(1, 3), image(1, 2, 2)], "b": [text(2, 2), image(2, 1, 2)]}
+    input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch(arch, prompts, [("a", 3), ("b", 2), ("a", 4),
+                                                                                        ("b", 0)])
+    ours = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, logits_to_keep,
+                                                      compute_aux_loss=True, **inputs)
+    parent = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,
+                                                            logits_to_keep, compute_aux_loss=True, **inputs)
+    assert_close_verbose("log-probs", ours[0], parent[0], atol=1e-5)
+    assert_close_verbose("aux loss", ours[2], parent[2], atol=1e-6)
