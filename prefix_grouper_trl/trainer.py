@@ -378,7 +378,7 @@ class PrefixGroupedGRPOTrainer(GRPOTrainer):
             return
         self._warned_multimodal_fallback.add(reason)
         warnings.warn(
-            f"PrefixGroupedGRPOTrainer: a batch of {name} with images or videos is computed with GRPOTrainer's "
+            f"PrefixGroupedGRPOTrainer: a batch of {name} with multimodal inputs is computed with GRPOTrainer's "
             f"repeated forward (same result, no sharing): {reason}.",
             stacklevel=3,
         )

@@ -109,11 +109,14 @@ def _write_builtin_model(short: str, folder: Path) -> None:
 
     config_dict = dict(_builtin_config(short))
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model_class = AutoModelForCausalLM if short == "tiny-qwen2" else AutoModelForImageTextToText
+    auto_class = AutoModelForCausalLM if short == "tiny-qwen2" else AutoModelForImageTextToText
+    # The class itself, not `from_config`: under a DeepSpeed ZeRO-3 launch `from_config` partitions the parameters,
+    # and the folder would be written with empty tensors.
+    model_class = auto_class._model_mapping[type(config)]
     # A private generator keeps the weights fixed whatever seed the caller's process runs with.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_MODEL_INIT_SEED)
-        model = model_class.from_config(config)
+        model = model_class(config)
     text_config = config.get_text_config()
     model.generation_config = GenerationConfig(
         eos_token_id=text_config.eos_token_id, pad_token_id=text_config.pad_token_id, do_sample=True
