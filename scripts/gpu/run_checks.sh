@@ -4,7 +4,7 @@
 # Run ON THE GPU MACHINE through the device tool, from the repository root, with the wheels of
 # scripts/gpu/fetch_wheels.sh carried along (docs/GPU_CHECKS.md has the exact calls). Stages run in the order given:
 #
-#   tests       pytest tests/test_gpu_hybrid.py tests/test_gpu.py: hybrid decoders (fp32 exact, bf16 bounded) and
+#   tests       pytest tests/test_gpu_hybrid.py tests/test_gpu_vlm.py tests/test_gpu.py: hybrid decoders and VLMs (fp32 exact, bf16 bounded) and
 #               every GPU attention path vs an fp64 reference, bf16 and fp32   (.gpu_wheels)
 #   deepspeed   pytest tests/test_gpu_deepspeed.py: ZeRO-2/3 GRPO steps, grouped vs GRPOTrainer vs fp32   (.gpu_wheels)
 #   bench       python -m benchmarks.bench_logprob --device cuda --out-dir $OUT/bench BENCHMARK_ARGS      (.gpu_wheels)
@@ -122,7 +122,7 @@ install_wheels() {
 # ---------------------------------------------------------------------------------------------------------------------
 stage_tests() {
   # The hybrid decoders first: they are short, and a time-out still brings back the attention paths' results so far.
-  timeout -k 10 "$(budget 330)" "$PY" -m pytest tests/test_gpu_hybrid.py tests/test_gpu.py -q -rfEs --durations=15 \
+  timeout -k 10 "$(budget 330)" "$PY" -m pytest tests/test_gpu_hybrid.py tests/test_gpu_vlm.py tests/test_gpu.py -q -rfEs --durations=15 \
     -p no:cacheprovider > "$OUT/tests.log" 2>&1
 }
 
