@@ -324,8 +324,9 @@ def run_vlm_training(trainer_cls, tmp_path, model_dir, **overrides):
     from prefix_grouper_trl.demo import colour_reward, load_builtin_dataset
     from prefix_grouper_trl.demo.vision_processor import load_colour_processor
 
-    # Plain SGD: Adam divides each gradient by its own running size, so where a gradient is below its epsilon (parts of
-    # the random-init vision tower's patch embedding get ~1e-9), float32 rounding of ~1e-13 becomes ~1e-4 of a step.
+    # Plain SGD: Adam divides each gradient by its own size, so a tiny one moves as much as a large one. Measured with
+    # AdamW: gradients agree to 1.3e-6 of the largest, but a patch-embedding entry of 3e-8 (the largest is 6e-2)
+    # differs by 1e-8 from float32 summation order, and g / (|g| + 1e-8) turns that into 1e-4 of the step.
     values = dict(max_steps=3, learning_rate=0.5, optim="sgd", per_device_train_batch_size=8, num_generations=4,
                   max_completion_length=3, temperature=1.0)
     values.update(overrides)
