@@ -417,3 +417,26 @@ def make_vlm_batch(arch: str, prompts: dict, rows: list, width_completion=None, 
     if video_blocks:
         inputs.update(pixel_values_videos=torch.cat(video_blocks), video_grid_thw=torch.tensor(video_grids))
     return torch.tensor(ids), torch.tensor(masks), width_completion, inputs
+
+
+def randomize_lora_b(model, std: float = 0.1) -> None:
+    """Random LoRA B matrices (PEFT starts them at zero), so that enabling or disabling the adapter changes outputs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+
+
+def assert_within_repeated_error(grouped, repeated, reference, label: str, eps: float = 1e-3) -> None:
+    """
+    Low-precision bound (STYLE habit 7) on `(log-probs, entropies, {name: gradient})` triples: every tensor of the
+    grouped run is within `2 * max |repeated - reference| + eps` of the reference (the same model, higher
+    precision).
+    """
+    pairs = [("log-probs", grouped[0], repeated[0], reference[0])]
+    pairs += [("entropies", grouped[1], repeated[1], reference[1])]
+    pairs += [(f"gradient of {name}", grouped[2][name], repeated[2][name], reference[2][name])
+              for name in reference[2]]
+    for name, ours, theirs, exact in pairs:
+        bound = 2 * (theirs - exact).abs().max() + eps
+        assert (ours - exact).abs().max() <= bound, f"{label} {name}"

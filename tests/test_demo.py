@@ -60,9 +60,10 @@ def test_task_spec_parsing():
         KeyLookupTask.from_spec("num_values=99")
 
 
-def test_reward_partial_credit():
-    completions = ["v3", "v3 w1", "v2", "w1 v3", "", [{"role": "assistant", "content": "v3"}]]
-    assert key_lookup_reward(completions, ["v3"] * 6) == [1.0, 0.6, 0.2, 0.0, 0.0, 1.0]
+@pytest.mark.parametrize("reward, answer, other", [(key_lookup_reward, "v3", "v2"), (colour_reward, "red", "blue")])
+def test_reward_partial_credit(reward, answer, other):
+    completions = [answer, f"{answer} w1", other, f"w1 {answer}", "", [{"role": "assistant", "content": answer}]]
+    assert reward(completions, [answer] * 6) == [1.0, 0.6, 0.2, 0.0, 0.0, 1.0]
 
 
 def test_tldr_reward():
@@ -110,11 +111,6 @@ def test_colour_task_rows():
     assert ColourTask.from_spec("num_colours=2") == ColourTask(num_colours=2)
     with pytest.raises(ValueError, match="num_shapes"):
         ColourTask.from_spec("num_shapes=2")
-
-
-def test_colour_reward():
-    completions = ["red", "red w1", "blue", "w1 red", "", [{"role": "assistant", "content": "red"}]]
-    assert colour_reward(completions, ["red"] * 6) == [1.0, 0.6, 0.2, 0.0, 0.0, 1.0]
 
 
 def test_offline_processor_expands_the_image_like_qwen():

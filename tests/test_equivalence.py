@@ -12,6 +12,7 @@ from helpers import (
     make_batch,
     max_relative_diff,
     prompt_dataset,
+    randomize_lora_b,
     tiny_model,
     tiny_tokenizer,
     token_count_reward,
@@ -142,10 +143,7 @@ def test_peft_lora_reference_through_disabled_adapter(tmp_path):
         peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
     )
     # A random adapter, so that disabling it changes the log-probs.
-    with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
+    randomize_lora_b(trainer.model)
     batch = layout_batch("uneven_groups")
     assert_equivalent(trainer, *batch)  # policy, LoRA gradients
     with trainer.model.disable_adapter():

@@ -8,13 +8,14 @@ within 1e-4 relative). Models whose token mixing we cannot split are refused bef
 import pytest
 import torch
 from helpers import (
-    CONFIGS,
-    HYBRID_ARCHITECTURES,
     assert_close_verbose,
+    CONFIGS,
     grpo_args,
+    HYBRID_ARCHITECTURES,
     max_relative_diff,
     moderate_deltanet_decay,
     prompt_dataset,
+    randomize_lora_b,
     tiny_model,
     tiny_tokenizer,
     token_count_reward,
@@ -98,10 +99,7 @@ def test_lora_with_a_reference_through_the_disabled_adapter(tmp_path):
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z", "out_proj", "up_proj"]
         ),
     )
-    with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
+    randomize_lora_b(trainer.model)
     batch = layout_batch("uneven_groups")
     assert_equivalent(trainer, *batch)
     with trainer.model.disable_adapter():

@@ -9,19 +9,20 @@ import warnings
 import pytest
 import torch
 from helpers import (
-    MORE_VLM_ARCHITECTURES,
-    VLM_ARCHITECTURES,
     assert_close_verbose,
     grpo_args,
     image,
     make_vlm_batch,
     max_relative_diff,
+    MORE_VLM_ARCHITECTURES,
     prompt_dataset,
+    randomize_lora_b,
     text,
     tiny_tokenizer,
     tiny_vlm,
     token_count_reward,
     video,
+    VLM_ARCHITECTURES,
 )
 from test_equivalence import logps_and_grads
 from trl import GRPOTrainer
@@ -164,7 +165,10 @@ def test_matches_repeated_forward(vlm_trainer, case):
 def test_other_registered_families(tmp_path, arch):
     """Qwen2-VL and the MoE variants go through the same interface: one mixed case each, images and videos."""
     trainer = make_vlm_trainer(tmp_path, arch)
-    prompts = {"a": [text(1, 3), image(1, 2, 2), video(1, 2, 1, 1)], "b": [text(1, 3), image(2, 2, 2), video(1, 2, 1, 1)]}
+    prompts = {
+        "a": [text(1, 3), image(1, 2, 2), video(1, 2, 1, 1)],
+        "b": [text(1, 3), image(2, 2, 2), video(1, 2, 1, 1)],
+    }
     input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch(arch, prompts, [("a", 3), ("b", 2), ("a", 4)])
     inputs.pop("num_images")
     assert_vlm_equivalent(trainer, input_ids, attention_mask, logits_to_keep, inputs, reference=repeated_forward)
@@ -296,10 +300,7 @@ def test_peft_lora_with_reference(tmp_path):
         processing_class=tiny_tokenizer(),
         peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv", "fc1"]),
     )
-    with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
+    randomize_lora_b(trainer.model)
     prompts, rows = VLM_CASES["multi_image_prompt"]
     input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch("qwen2_5_vl", prompts, rows)
     parent = lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k)  # noqa: E731
@@ -392,8 +393,8 @@ def test_moe_aux_loss_with_images(tmp_path, arch):
     """`output_router_logits`: the load-balancing loss weights each shared prompt token by its group's rows."""
     trainer = make_vlm_trainer(tmp_path, arch)
     prompts = {"a": [text(1, 3), image(1, 2, 2)], "b": [text(2, 2), image(2, 1, 2)]}
-    input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch(arch, prompts, [("a", 3), ("b", 2), ("a", 4),
-                                                                                        ("b", 0)])
+    rows = [("a", 3), ("b", 2), ("a", 4), ("b", 0)]
+    input_ids, attention_mask, logits_to_keep, inputs = make_vlm_batch(arch, prompts, rows)
     ours = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, logits_to_keep,
                                                       compute_aux_loss=True, **inputs)
     parent = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,

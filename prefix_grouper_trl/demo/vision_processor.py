@@ -45,23 +45,10 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
 
 
 def build_colour_tokenizer():
-    """A `PreTrainedTokenizerFast` whose ids are the positions in `VOCABULARY`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A `PreTrainedTokenizerFast` whose ids are the positions in `VOCABULARY`, Qwen's vision tokens special."""
+    from .tokenizer import build_word_level_tokenizer
 
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(VOCABULARY)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        extra_special_tokens=VISION_TOKENS,
-        padding_side="left",
-        truncation_side="left",
-        model_max_length=1024,
-    )
+    return build_word_level_tokenizer(VOCABULARY, extra_special_tokens=VISION_TOKENS)
 
 
 def build_colour_processor(tokenizer=None) -> ImageOnlyQwenVLProcessor:
