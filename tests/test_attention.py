@@ -7,7 +7,7 @@ same contract, so its bookkeeping is checked on every machine; the kernels thems
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
+from helpers import make_batch, tiny_model
 from test_equivalence import LAYOUT_CASES, layout_batch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
@@ -117,8 +117,136 @@ def test_flex_attention_forward_matches_repeated_forward():
 
 
 def test_batched_suffix_path_is_exercised():
-    from prefix_grouper_trl.attention import _group_plans
+    """A single group runs the per-group loop, whose suffixes are batched per suffix when it has several."""
+    from prefix_grouper_trl.attention import _group_plans, _split_plan
 
-    layout = build_group_layout(*layout_batch("batched_suffixes"))
+    layout = build_group_layout(*layout_batch("one_group"))
+    assert _split_plan(layout, torch.device("cpu"), None, 32).group_plans is not None
     plans = _group_plans(layout, torch.device("cpu"), None)
-    assert [plan.batched is not None for plan in plans] == [True, True]
+    assert [plan.batched is not None for plan in plans] == [True]
+
+
+# --- Buckets: several groups per call --------------------------------------------------------------------------------
+
+
+def test_cost_model_buckets_by_hand():
+    from prefix_grouper_trl import attention
+
+    # Width 256 (cpu-small): a call costs 3000 pairs. Equal small groups share calls...
+    assert attention.plan_buckets([63] * 4, [[16, 16]] * 4, 256) == ([[0, 1, 2, 3]], [[0, 1, 2, 3]])
+    # ...but one group always runs the per-group loop, and so do groups whose calls cost little next to their pairs
+    # and the gathers the buckets add (16 pairs per token).
+    assert attention.plan_buckets([63], [[16, 16]], 256) is None
+    assert attention.plan_buckets([511] * 4, [[128] * 8] * 4, 256) is None
+    # Width 32 (the tests' tiny models): 24000 pairs per call. Padding prefix 3 to 250 costs 31k pairs, more than a
+    # call, so the prefixes split by length; a group without a prefix has no prefix call.
+    prefix_lens, suffix_lens = [3, 250, 5, 0, 239], [[20, 18, 20, 7, 20, 1], [5, 3], [4, 4, 2], [3, 5], [6]]
+    assert attention.plan_buckets(prefix_lens, suffix_lens, 32) == ([[0, 2], [1, 4]], [[0, 2, 3], [1, 4]])
+    # The pairs computed, padding included: prefixes 2 x 5*6/2 + 2 x 250*251/2; suffixes 11 rows x 20 x (5 + 20)
+    # and 3 rows x 6 x (250 + 6).
+    assert attention.planned_attention_pairs(prefix_lens, suffix_lens, 32) == 30 + 62750 + 5500 + 4608
+    # More threads make a call dearer: two 200-token groups share calls on 2 threads, not on 1.
+    assert attention.plan_buckets([200, 200], [[8, 8], [8, 8]], 256, threads=1) is None
+    assert attention.plan_buckets([200, 200], [[8, 8], [8, 8]], 256, threads=2) == ([[0, 1]], [[0, 1]])
+
+
+def test_calls_are_capped_and_even(monkeypatch):
+    from prefix_grouper_trl import attention
+
+    # 8 equal groups of 8 suffixes, 8 x (100 + 10) = 880 keys each; at most 2000 keys per call: 2 groups per call,
+    # every call the same size rather than 2 + 2 + 2 + 2 by chance of the order.
+    monkeypatch.setattr(attention, "MAX_CALL_KEY_ELEMENTS", 2000 * 256)
+    buckets = attention.plan_buckets([100] * 8, [[10] * 8] * 8, 256)
+    assert buckets is not None
+    assert [len(bucket) for bucket in buckets[1]] == [2, 2, 2, 2]
+    assert sorted(g for bucket in buckets[1] for g in bucket) == list(range(8))
+    # 0 turns bucketing off.
+    monkeypatch.setattr(attention, "MAX_CALL_KEY_ELEMENTS", 0)
+    assert attention.plan_buckets([100] * 8, [[10] * 8] * 8, 256) is None
+
+
+def test_bucketed_plan_index_maps():
+    """Two groups in one prefix call and one suffix call: gathers, padding and the way back, by hand."""
+    from prefix_grouper_trl.attention import _bucketed_plan
+
+    # Rows: group A prompt 3 (prefix 2) with completions 2 and 1; group B prompt 2 (prefix 1) with completion 3.
+    input_ids, attention_mask, logits_to_keep = make_batch([3, 3, 2], [2, 1, 3], [0, 0, 1])
+    layout = build_group_layout(input_ids, attention_mask, logits_to_keep)
+    # Packed: A prefix 0-1 | a 2-3 | b 4 | B prefix 5 | c 6-8.
+    assert (layout.prefix_lens, layout.suffix_lens, layout.group_starts) == ([2, 1], [[2, 1], [3]], [0, 5])
+    plan = _bucketed_plan(layout, [[0, 1]], [[0, 1]], torch.device("cpu"), None)
+    prefix_call, suffix_call = plan.calls
+    assert (prefix_call.rows, prefix_call.query_len, prefix_call.key_len, prefix_call.is_causal) == (2, 2, 2, True)
+    assert (suffix_call.rows, suffix_call.query_len, suffix_call.key_len) == (3, 3, 5)
+    # Prefix call: [0 1] and [5 5] (padding repeats the group's first prefix token). Suffix queries: a [2 3 3],
+    # b [4 4 4], c [6 7 8] (padding repeats the suffix's last token).
+    assert plan.query_gather.tolist() == [0, 1, 5, 5] + [2, 3, 3, 4, 4, 4, 6, 7, 8]
+    # Suffix keys: [prefix slots | own slots]; padding reads the suffix's first token.
+    assert plan.key_gather.tolist() == [0, 1, 5, 5] + [0, 1, 2, 3, 2] + [0, 1, 4, 4, 4] + [5, 6, 6, 7, 8]
+    assert suffix_call.mask[:, 0].int().tolist() == [
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],  # a: second slot real, third padding
+        [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]],  # b: one token
+        [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 1, 1]],  # c: its prefix has one token
+    ]
+    # Output rows: prefix call 0-3, suffix call 4-12; packed position -> row.
+    assert plan.inverse.tolist() == [0, 1, 4, 5, 7, 2, 10, 11, 12]
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_call_keys", [None, 300], ids=["cost_model", "capped"])
+def test_buckets_match_dense_reference(monkeypatch, attention_module, path, max_call_keys):
+    """
+    The boundary-crossing layout through the buckets (2 prefix calls, 2 suffix calls), and with calls capped at 300
+    keys, which splits the long groups' shared calls (prefixes 250 and 239 apart, their suffixes apart: 6 calls).
+    """
+    from prefix_grouper_trl import attention
+
+    if max_call_keys is not None:
+        monkeypatch.setattr(attention, "MAX_CALL_KEY_ELEMENTS", max_call_keys * 32)
+    layout = build_group_layout(*layout_batch("bucket_boundaries"))
+    plan = attention._split_plan(layout, torch.device("cpu"), None, 32)
+    assert plan.bucketed is not None
+    assert len(plan.bucketed.calls) == (4 if max_call_keys is None else 6)
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, layout.packed_tokens, 8, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    layout._mask_cache.clear()
+    expected = run_path("dense", attention_module, layout, q, k, v)
+    got = run_path(path, attention_module, layout, q, k, v)
+    tolerance = 1e-6 if path == "eager" else 1e-10
+    for name, a, b in zip(("output", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=lambda m: f"{path} {name}: {m}")
+
+
+@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["one_group", "bucket_boundaries"], ids=["loop", "buckets"])
+def test_nan_reaches_the_queries_that_see_it_and_no_other_suffix(attention_module, path, case):
+    """
+    A NaN key/value reaches every query whose mask opens it, and no query of another suffix or group: padding never
+    carries it across rows, in the loop or in the buckets (shared calls). Earlier queries of its own prompt or suffix
+    may get it through 0 x NaN of the causal mask inside a kernel block, as in the repeated forward (same kernel).
+    """
+    layout = build_group_layout(*layout_batch(case))
+    visible = dense_packed_mask(layout)
+    segment = torch.empty(layout.packed_tokens, dtype=torch.long)
+    count = 0
+    for start, prefix_len, suffix_lens in layout.group_segments():
+        bounds = [start, start + prefix_len]
+        for suffix_len in suffix_lens:
+            bounds.append(bounds[-1] + suffix_len)
+        for first, end in zip(bounds, bounds[1:]):
+            segment[first:end] = count
+            count += 1
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, layout.packed_tokens, 8, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    # Every token in turn (padding slots read real tokens: any of them might be read into another row).
+    for position in range(layout.packed_tokens):
+        k_nan, v_nan = k.clone(), v.clone()
+        k_nan[:, :, position], v_nan[:, :, position] = float("nan"), float("nan")
+        base, eager = (eager_attention_forward, True) if path == "eager" else (sdpa_attention_forward, False)
+        out, _ = split_attention(base, eager, attention_module, q, k_nan, v_nan, layout,
+                                 scaling=attention_module.scaling, dropout=0.0)
+        nan_rows = out[0].isnan().any(dim=(1, 2))
+        same_segment = segment == segment[position]
+        assert nan_rows[visible[:, position]].all(), f"{path}/{case}: a NaN at key {position} is hidden"
+        leaked = nan_rows & ~visible[:, position] & ~same_segment
+        assert not leaked.any(), f"{path}/{case}: NaN at {position} leaked to {leaked.nonzero().flatten().tolist()}"

@@ -35,6 +35,15 @@ LAYOUT_CASES = {
     # Groups whose suffixes are cheaper as a padded batch than as one rectangle (see attention.py), next to one
     # that is not.
     "batched_suffixes": ([7, 7, 7, 3, 7, 7, 3], [5, 1, 5, 2, 5, 4, 2], [0, 0, 0, 1, 0, 0, 1]),
+    # Groups of very different lengths, so the CPU split attention's cost model puts them in separate calls (see
+    # attention.py; at the tiny models' width a call costs 24k pairs, padding a prefix of 3-5 to 250 more):
+    # prefixes {250, 239} and {3, 5} share calls; suffixes {group of 4-token prompts, 6-token, 1-token} and
+    # {250, 239}. A one-token prompt (no prefix) shares a suffix call with groups that have one.
+    "bucket_boundaries": (
+        [4, 251, 6, 4, 1, 240, 4, 251, 6, 4, 1, 6, 4, 4],
+        [20, 5, 4, 18, 3, 6, 20, 3, 4, 7, 5, 2, 20, 1],
+        [1, 0, 2, 1, 4, 3, 1, 0, 2, 1, 4, 2, 1, 1],
+    ),
 }
 MODELS = [
     ("qwen2", "sdpa"),

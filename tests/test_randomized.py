@@ -202,12 +202,20 @@ def assert_gradients_close(grads: dict, ref_grads: dict, rtol: float = 1e-4, flo
 
 def _record_coverage(spec: BatchSpec, row_prompts, batch) -> None:
     """What the drawn cases covered, shown by `--hypothesis-show-statistics`."""
-    from prefix_grouper_trl.attention import _batching_pays
+    from prefix_grouper_trl.attention import _batching_pays, plan_buckets
 
     layout = build_group_layout(*batch)
     if layout is not None:
-        for _, prefix_len, suffix_lens in layout.group_segments():
-            event("suffixes batched" if _batching_pays(prefix_len, suffix_lens) else "suffixes as one rectangle")
+        # The trainer's tiny Qwen2: 4 heads of 8.
+        buckets = plan_buckets(layout.prefix_lens, layout.suffix_lens, width=32)
+        if buckets is None:
+            event("per-group loop")
+            for _, prefix_len, suffix_lens in layout.group_segments():
+                event("suffixes batched" if _batching_pays(prefix_len, suffix_lens) else "suffixes as one rectangle")
+        else:
+            prefix_buckets, suffix_buckets = buckets
+            event(f"buckets: {len(prefix_buckets)} prefix call(s) for {sum(map(len, prefix_buckets))} prefixes")
+            event(f"buckets: {len(suffix_buckets)} suffix call(s) for {layout.num_groups} groups")
     for group in spec.groups[1:]:
         event(f"relation {group.relation}")
     event(f"rows {(spec.num_rows - 1) // 8 * 8 + 1}-{(spec.num_rows - 1) // 8 * 8 + 8}")
