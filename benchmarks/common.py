@@ -2,12 +2,17 @@
 Shared pieces of the benchmarks: model shapes, TRL-style micro-batches, the three log-prob paths, memory probes,
 the analytic FLOP model, and result files.
 
-The three paths, all computing per-token log-probs and entropies of one micro-batch, then backpropagating a fixed
-random weighting of both (what the GRPO loss does with them):
+The paths, all computing per-token log-probs and entropies of one micro-batch, then backpropagating a fixed random
+weighting of both (what the GRPO loss does with them):
 
-    trl        GRPOTrainer._get_per_token_logps_and_entropies on a plain GRPOTrainer (every row carries its prompt)
-    grouped    PrefixGroupedGRPOTrainer._get_per_token_logps_and_entropies (prompt once per group, packed row)
-    reference  the paper's `prefix_grouper` package through `reference_adapter.py` (SDPA adapter on CPU)
+    trl           GRPOTrainer._get_per_token_logps_and_entropies on a plain GRPOTrainer (every row carries its prompt)
+    grouped       PrefixGroupedGRPOTrainer._get_per_token_logps_and_entropies (prompt once per group, packed row)
+    grouped_loop  the same, with the CPU split attention held to its per-group loop (two calls per group and layer:
+                  the code before groups could share calls; at one group it is what `grouped` runs)
+    reference     the paper's `prefix_grouper` package through `reference_adapter.py` (SDPA adapter on CPU)
+
+A micro-batch too large for the host's memory runs as a few chunks of whole groups, one forward+backward each (what
+TRL's `batch_size` chunking and gradient accumulation do); `plan_chunks` picks them from a memory model.
 
 Measurements run in fresh processes forked from a server that has only imported the libraries (see
 `IsolatedRunner`). Memory is the peak RSS growth of a path's first full-size step, alone in its process, after freed
@@ -43,7 +48,7 @@ from prefix_grouper_trl import PrefixGroupedGRPOTrainer
 
 from . import reference_adapter
 
-PATHS = ("trl", "grouped", "reference")
+PATHS = ("trl", "grouped", "grouped_loop", "reference")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Model shapes, built from config with random weights (nothing is downloaded).
@@ -257,12 +262,25 @@ def measure_peak(device: str, out: dict):
 # The three paths
 
 
+@contextlib.contextmanager
+def per_group_attention_loop():
+    """The CPU split attention without shared calls: every group its own two calls per layer (`grouped_loop`)."""
+    from prefix_grouper_trl import attention
+
+    saved = attention.MAX_CALL_KEY_ELEMENTS
+    attention.MAX_CALL_KEY_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        attention.MAX_CALL_KEY_ELEMENTS = saved
+
+
 def make_logprob_fn(path: str, model, device: str, output_dir: str):
     """`fn(input_ids, attention_mask, logits_to_keep) -> (logps, entropies)`, both `(B, K)`, for one path."""
     if path == "reference":
         reference_adapter.enable_reference(model)
         return lambda ids, mask, keep: reference_adapter.reference_logps_and_entropies(model, ids, mask, keep)
-    trainer = make_trainer(path, model, device, output_dir)
+    trainer = make_trainer("trl" if path == "trl" else "grouped", model, device, output_dir)
     if path == "trl":
         # The repeated-prompt baseline, called on a plain GRPOTrainer exactly as the equivalence tests call it.
         def method(*args, **kwargs):
@@ -270,29 +288,41 @@ def make_logprob_fn(path: str, model, device: str, output_dir: str):
 
     else:
         method = trainer._get_per_token_logps_and_entropies
+    attention_rule = per_group_attention_loop if path == "grouped_loop" else contextlib.nullcontext
 
     def fn(ids, mask, keep):
-        logps, entropies, _ = method(trainer.model, ids, mask, keep, compute_entropy=True)
+        with attention_rule():  # the plan is built at the first layer of the forward; the backward reuses it
+            logps, entropies, _ = method(trainer.model, ids, mask, keep, compute_entropy=True)
         return logps, entropies
 
     return fn
 
 
-def make_step(fn, model, batch, seed: int = 1):
-    """One log-prob forward + backward, weighting log-probs and entropies by fixed random weights."""
+def make_step(fn, model, batch, seed: int = 1, chunks: int = 1):
+    """
+    One log-prob forward + backward, weighting log-probs and entropies by fixed random weights. With `chunks` > 1,
+    the rows run as that many equal chunks (whole groups: rows of a group are adjacent and the chunk size is a multiple
+    of the group size), one forward + backward each, gradients accumulating: the same loss and gradients.
+    """
     input_ids, attention_mask, logits_to_keep = batch
     generator = torch.Generator().manual_seed(seed)
     weights = torch.randn(input_ids.size(0), logits_to_keep, generator=generator).to(input_ids.device)
     completion_mask = attention_mask[:, -logits_to_keep:].to(weights.dtype)
     weights = weights * completion_mask
+    pieces = list(zip(input_ids.chunk(chunks), attention_mask.chunk(chunks), weights.chunk(chunks),
+                      weights.flip(0).chunk(chunks)))
     last = {}
 
     def step():
-        logps, entropies = fn(input_ids, attention_mask, logits_to_keep)
-        loss = (logps.float() * weights).sum() + 0.01 * (entropies.float() * weights.flip(0)).sum()
-        loss.backward()
-        last["logps"] = logps.detach()
-        return loss.detach()
+        losses, all_logps = [], []
+        for ids, mask, logp_weights, entropy_weights in pieces:
+            logps, entropies = fn(ids, mask, logits_to_keep)
+            loss = (logps.float() * logp_weights).sum() + 0.01 * (entropies.float() * entropy_weights).sum()
+            loss.backward()
+            losses.append(loss.detach())
+            all_logps.append(logps.detach())
+        last["logps"] = torch.cat(all_logps)
+        return sum(losses)
 
     return step, last
 
@@ -323,7 +353,9 @@ class Setup:
 WARMUP_POINT = Point(prompt_len=24, completion_len=8, group_size=2, num_groups=2)
 
 
-def prepare(path: str, point: Point, shape: str, device: str, output_dir: str) -> Setup:
+def prepare(path: str, point: Point, shape: str, device: str, output_dir: str, chunks: int = 1) -> Setup:
+    if point.num_groups % chunks:
+        raise ValueError(f"{point.label()}: {chunks} chunks do not split {point.num_groups} groups evenly")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = build_model(shape, device, dtype)
     fn = make_logprob_fn(path, model, device, output_dir)
@@ -331,7 +363,7 @@ def prepare(path: str, point: Point, shape: str, device: str, output_dir: str) -
     # is its activations and temporaries only.
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
-    step, last = make_step(fn, model, make_micro_batch(point, model.config.vocab_size, device))
+    step, last = make_step(fn, model, make_micro_batch(point, model.config.vocab_size, device), chunks=chunks)
     warm_step, _ = make_step(fn, model, make_micro_batch(WARMUP_POINT, model.config.vocab_size, device))
     return Setup(path, model, step, warm_step, last)
 
@@ -358,6 +390,11 @@ class PointCase:
     rounds: int = 3
     slow_rounds: int = 2
     slow_step_s: float = 10.0
+    very_slow_step_s: float = 60.0
+    chunks: tuple = ()  # (path, chunks) pairs; paths not named run their micro-batch whole
+
+    def chunks_of(self, path: str) -> int:
+        return dict(self.chunks).get(path, 1)
 
 
 def _timed_step(step, device: str) -> tuple[float, float]:
@@ -388,7 +425,8 @@ def run_memory_case(case: PointCase) -> dict:
     """
     _start_worker(case)
     with tempfile.TemporaryDirectory() as output_dir:
-        setup = prepare(case.paths[0], case.point, case.shape, case.device, output_dir)
+        setup = prepare(case.paths[0], case.point, case.shape, case.device, output_dir,
+                        chunks=case.chunks_of(case.paths[0]))
         setup.warm_step()
         result = _measured_first_step(setup, case.device)
         result["logps"] = setup.last["logps"].float().cpu().tolist()  # plain lists: tensors would cross by shared fd
@@ -404,9 +442,11 @@ def run_point_case(case: PointCase) -> dict:
     2. The first path's first full-size step is measured for memory exactly as `run_memory_case` would (no other
        path has run a full-size step yet) and doubles as its warmup; the others get one unmeasured warmup step
        (their memory is measured alone by `run_memory_case`, which costs little for them).
-    3. Time, interleaved: `rounds` rounds, each timing every path once in turn, so that a change in the host's load
-       slows every path of a round alike. If a warmup step took over `slow_step_s` CPU seconds, only `slow_rounds`
-       rounds run (bounds the sweep; the median of 2 is their mean).
+    3. Time, interleaved: up to `rounds` rounds, each timing in turn every path that has rounds left, so that a change
+       in the host's load slows every path of a round alike. A path whose warmup step took over `slow_step_s` CPU
+       seconds runs `slow_rounds` rounds (the median of 2 is their mean), over `very_slow_step_s` one: this bounds
+       the sweep where GRPOTrainer's step takes minutes, while the fast paths, whose ratio to each other is the
+       finer one, keep all their rounds.
 
     Returns per path: wall and CPU seconds per round, the first path's memory, log-probs max |diff| to the first path.
     """
@@ -414,28 +454,70 @@ def run_point_case(case: PointCase) -> dict:
     load_before = load_average()
     results = {}
     with tempfile.TemporaryDirectory() as output_dir:
-        setups = [prepare(path, case.point, case.shape, case.device, output_dir) for path in case.paths]
+        setups = [prepare(path, case.point, case.shape, case.device, output_dir, chunks=case.chunks_of(path))
+                  for path in case.paths]
         for setup in setups:
             setup.warm_step()
-        warmup_cpu = 0.0
         for index, setup in enumerate(setups):
             if index == 0:
                 results[setup.path] = _measured_first_step(setup, case.device)
             else:
                 wall, cpu = _timed_step(setup.step, case.device)
                 results[setup.path] = {"first_step_s": wall, "first_cpu_s": cpu}
-            warmup_cpu = max(warmup_cpu, results[setup.path]["first_cpu_s"])
             results[setup.path].update(wall_s=[], cpu_s=[])
         first_logps = setups[0].last["logps"].float()
+        rounds = {}
         for setup in setups:
             results[setup.path]["max_abs_logp_diff"] = (setup.last["logps"].float() - first_logps).abs().max().item()
-        rounds = case.slow_rounds if warmup_cpu > case.slow_step_s else case.rounds
-        for _ in range(rounds):
+            warmup_cpu = results[setup.path]["first_cpu_s"]
+            rounds[setup.path] = (1 if warmup_cpu > case.very_slow_step_s
+                                  else case.slow_rounds if warmup_cpu > case.slow_step_s else case.rounds)
+        for index in range(max(rounds.values())):
             for setup in setups:
-                wall, cpu = _timed_step(setup.step, case.device)
-                results[setup.path]["wall_s"].append(wall)
-                results[setup.path]["cpu_s"].append(cpu)
+                if index < rounds[setup.path]:
+                    wall, cpu = _timed_step(setup.step, case.device)
+                    results[setup.path]["wall_s"].append(wall)
+                    results[setup.path]["cpu_s"].append(cpu)
     return {"paths": results, "load_avg": (load_before, load_average()), "threads": torch.get_num_threads()}
+
+
+# Peak memory of one step, to pick chunks (`plan_chunks`): a fixed part plus KiB per token fed, per path, fitted on
+# `cpu-small` in fp32 (GRPOTrainer: 3543 MiB at P=512 C=128 G=8 x4 groups, 8330 MiB at P=4096 C=256 G=16; ours
+# 3811 MiB and the reference 7433 MiB at P=512 C=128 G=8 x16 groups), rounded up.
+PEAK_MEMORY_MODEL = {  # path -> (fixed GiB, KiB per token)
+    "trl": (1.5, 110),
+    "grouped": (0.5, 170),
+    "grouped_loop": (0.5, 170),
+    "reference": (0.5, 320),
+}
+
+
+def tokens_fed(path: str, point: Point) -> int:
+    """Tokens through the decoder: every row whole (`trl`), the packed row (ours), the grouped rows (reference)."""
+    if path == "trl":
+        return point.rows * (point.prompt_len + point.completion_len)
+    prefix = point.prompt_len - (path != "reference")
+    return point.num_groups * (prefix + point.group_size * point.completion_len)
+
+
+def plan_chunks(point: Point, paths, budget_gib: float) -> tuple:
+    """
+    `(path, chunks)` for the paths whose step would not fit in `budget_gib` (`PEAK_MEMORY_MODEL`): the fewest chunks
+    of whole groups that divide the micro-batch evenly and fit, each path for itself. A chunk runs the same per-group
+    work in a smaller micro-batch, which is what a user of that path would do on this host.
+    """
+    chunks = {}
+    for path in paths:
+        if path not in PEAK_MEMORY_MODEL:
+            continue
+        fixed, kib_per_token = PEAK_MEMORY_MODEL[path]
+        for count in range(1, point.num_groups + 1):
+            peak_gib = fixed + tokens_fed(path, point) / count * kib_per_token / 2**20
+            if point.num_groups % count == 0 and peak_gib <= budget_gib:
+                break
+        if count > 1:
+            chunks[path] = count
+    return tuple(chunks.items())
 
 
 class IsolatedRunner:
@@ -457,13 +539,20 @@ class IsolatedRunner:
 # Analytic FLOP model
 
 
-def suffixes_batched(prefix_len: int, suffix_lens: list[int]) -> bool:
-    """Whether `prefix_grouper_trl.attention` batches this group's suffixes (its own rule; False before it had one)."""
-    try:
-        from prefix_grouper_trl.attention import _batching_pays
-    except ImportError:
-        return False
-    return _batching_pays(prefix_len, suffix_lens)
+def grouped_attention_pairs(point: Point, shape: str, loop: bool = False) -> int:
+    """
+    Query-key pairs per layer that `prefix_grouper_trl.attention.split_attention` computes for the point's packed row,
+    padding and masked pairs included, as its own plan decides (`loop`: held to the per-group loop, `grouped_loop`).
+    """
+    from prefix_grouper_trl import attention
+
+    cfg = MODEL_SHAPES[shape]
+    width = cfg["num_attention_heads"] * cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    prefix_lens = [point.prompt_len - 1] * point.num_groups
+    suffix_lens = [[point.completion_len] * point.group_size for _ in range(point.num_groups)]
+    if loop:
+        return attention._loop_pairs(prefix_lens, suffix_lens)
+    return attention.planned_attention_pairs(prefix_lens, suffix_lens, width)
 
 
 @dataclass
@@ -510,12 +599,6 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
     width = P + C
     prefix = P - 1  # our packed prefix: the last prompt token heads every suffix instead
     suffix = G * C  # our suffix tokens per group: last prompt token + C-1 completion tokens per row
-    # The split attention runs a group's suffix queries either as one (S, P-1+S) block-mask call or batched per
-    # suffix, (G, C, P-1+C), whichever its own rule picks.
-    if suffixes_batched(prefix, [C] * G):
-        suffix_pairs = G * C * (prefix + C)
-    else:
-        suffix_pairs = suffix * (prefix + suffix)
     counts = {
         # B rows of padded width L; no padding here, so SDPA runs is_causal: L(L+1)/2 pairs per row.
         "trl": FlopCount(
@@ -524,11 +607,18 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
             head_positions=rows * (width - 1) if fused_head_scores_all else rows * C,
             head_passes=4,
         ),
-        # One packed row: per group the prefix (causal) and the suffix queries (see above); the backbone hook hands
-        # the head only the scored positions.
+        # One packed row: the pairs the split attention's own plan computes (per group: the prefix causal, each
+        # suffix's C queries x (P-1 + C) keys; groups sharing a call are padded to its longest, none here as all
+        # groups are equal); the backbone hook hands the head only the scored positions.
         "grouped": FlopCount(
             linear_tokens=groups * (prefix + suffix),
-            attention_pairs=groups * (prefix * (prefix + 1) // 2 + suffix_pairs),
+            attention_pairs=grouped_attention_pairs(point, shape),
+            head_positions=rows * C,
+            head_passes=4,
+        ),
+        "grouped_loop": FlopCount(
+            linear_tokens=groups * (prefix + suffix),
+            attention_pairs=grouped_attention_pairs(point, shape, loop=True),
             head_positions=rows * C,
             head_passes=4,
         ),
@@ -654,15 +744,28 @@ def environment() -> dict:
 
 
 def append_csv(path: str, rows: list[dict]) -> None:
-    """Append rows; the header is written when the file is new (columns are those of the first row)."""
+    """
+    Append rows; the header is written when the file is new (columns are those of the first row). Columns the file
+    does not have yet are added to its header, earlier rows leaving them empty (the file is rewritten once then).
+    """
     if not rows:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
     fieldnames = list(rows[0].keys())
-    if not new:
+    if os.path.exists(path):
         with open(path, newline="") as existing:
-            fieldnames = next(csv.reader(existing))
+            reader = csv.DictReader(existing)
+            known = list(reader.fieldnames or [])
+            new_columns = [name for row in rows for name in row if name not in known]
+            if new_columns:
+                old_rows = list(reader)
+        fieldnames = known + list(dict.fromkeys(new_columns))
+        if new_columns:
+            with open(path, "w", newline="") as out:
+                writer = csv.DictWriter(out, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(old_rows)
+    new = not os.path.exists(path)
     with open(path, "a", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
         if new:

@@ -81,15 +81,39 @@ def test_flop_counts_by_hand():
     counts = common.flop_counts(common.Point(prompt_len=5, completion_len=3, group_size=2), "cpu-small")
     # TRL: 2 rows of 8 tokens, causal 8*9/2 pairs each, every position but the last scored.
     assert (counts["trl"].linear_tokens, counts["trl"].attention_pairs, counts["trl"].head_positions) == (16, 72, 14)
-    # Ours: prefix 4 + suffixes 2*3 = 10 tokens; 4*5/2 prefix pairs + suffix pairs, 6 scored positions.
-    # Suffix pairs: one block-mask call, 6 x (4 + 6), or the suffixes batched, 2 x 3 x (4 + 3).
-    suffix_pairs = 2 * 3 * (4 + 3) if common.suffixes_batched(4, [3, 3]) else 6 * (4 + 6)
-    assert (counts["grouped"].linear_tokens, counts["grouped"].attention_pairs) == (10, 10 + suffix_pairs)
-    assert counts["grouped"].head_positions == 6
+    # Ours: prefix 4 + suffixes 2*3 = 10 tokens; 4*5/2 prefix pairs + the suffixes batched, 2 x 3 x (4 + 3); 6 scored
+    # positions. One group: the per-group loop, the same for `grouped_loop`.
+    for path in ("grouped", "grouped_loop"):
+        assert (counts[path].linear_tokens, counts[path].attention_pairs) == (10, 10 + 42)
+        assert counts[path].head_positions == 6
     # Reference: 5 + 2*3 = 11 tokens; 5*6/2 prefix pairs + 2 x 3 x (5 + 3); logits at all 11 positions.
     assert (counts["reference"].linear_tokens, counts["reference"].attention_pairs) == (11, 15 + 48)
     assert counts["reference"].head_positions == 11
     assert counts["trl"].flops == sum(counts["trl"].parts.values())
+
+
+def test_flop_counts_follow_the_attention_plan():
+    """Several groups: ours counts what its calls compute, padding included (none: equal groups), shared or not."""
+    point = common.Point(prompt_len=64, completion_len=16, group_size=2, num_groups=32)
+    counts = common.flop_counts(point, "cpu-small")
+    per_group = 63 * 64 // 2 + 2 * 16 * (63 + 16)
+    assert counts["grouped"].attention_pairs == counts["grouped_loop"].attention_pairs == 32 * per_group
+    # All groups share one prefix call; their 64 suffixes of 79 keys take two calls (at most 4096 keys each).
+    assert bench_logprob.attention_calls_per_layer(point, "cpu-small") == 3
+    assert bench_logprob.attention_calls_per_layer(point, "cpu-small", loop=True) == 64
+
+
+def test_chunks_fit_the_memory_budget(tiny_shape):
+    big = common.Point(prompt_len=512, completion_len=128, group_size=8, num_groups=64)
+    chunks = dict(common.plan_chunks(big, common.PATHS, budget_gib=12))
+    # GRPOTrainer feeds 327680 tokens (~36 GiB by the model), ours 98240 (~16.4), the reference 98304 (~30.5).
+    assert chunks == {"trl": 4, "grouped": 2, "grouped_loop": 2, "reference": 4}
+    assert common.plan_chunks(common.Point(512, 64, 2), common.PATHS, budget_gib=12) == ()
+    # A chunked step: same log-probs as the whole micro-batch.
+    point = common.Point(prompt_len=12, completion_len=5, group_size=3, num_groups=4)
+    case = common.PointCase(point, ("trl", "grouped"), tiny_shape, rounds=1, chunks=(("trl", 2), ("grouped", 4)))
+    raw = common.run_point_case(case)
+    assert raw["paths"]["grouped"]["max_abs_logp_diff"] < 1e-5 and len(raw["paths"]["trl"]["wall_s"]) == 1
 
 
 def test_mask_check_and_reports(tiny_shape, tmp_path):
@@ -97,24 +121,43 @@ def test_mask_check_and_reports(tiny_shape, tmp_path):
     check = bench_logprob.largest_trailing_blocks(point, tiny_shape)
     assert check["packed_tokens"] == 39 + 8 and check["dense"] == []
 
-    def rows(speedup):
+    def rows(speedup, reference_s=1.0, loop_s=None, calls=(2, 2)):
+        ours_s = 2.0 / speedup
         return {
-            "trl": {"median_s": 2.0, "peak_mib": 100.0, "attention_pairs": 1, "linear_tokens": 1},
-            "grouped": {"median_s": 2.0 / speedup, "peak_mib": 30.0, "speedup_vs_trl": speedup,
+            "trl": {"median_s": 2.0, "peak_mib": 100.0, "attention_pairs": 1, "linear_tokens": 1, "chunks": 1},
+            "grouped": {"median_s": ours_s, "peak_mib": 30.0, "speedup_vs_trl": speedup,
                         "cpu_speedup_vs_trl": speedup, "flop_ratio_vs_trl": 4.0, "memory_ratio_vs_trl": 0.3,
-                        "attention_pairs": 1, "linear_tokens": 1},
-            "reference": {"median_s": 1.0, "peak_mib": 40.0},
+                        "attention_pairs": 1, "linear_tokens": 1, "chunks": 1, "attention_calls_per_layer": calls[0]},
+            "grouped_loop": {"median_s": loop_s or ours_s, "peak_mib": float("nan"), "chunks": 1,
+                             "attention_calls_per_layer": calls[1]},
+            "reference": {"median_s": reference_s, "peak_mib": 40.0, "chunks": 2},
         }
 
-    by_point = {bench_logprob.TARGET_POINT: rows(3.8), common.Point(512, 64, 2): rows(1.5)}
+    many = common.Point(128, 32, 4, num_groups=16)
+    by_point = {bench_logprob.TARGET_POINT: rows(3.8), common.Point(512, 64, 2): rows(3.6, loop_s=0.5),
+                common.Point(1024, 64, 2): rows(3.6),
+                many: rows(3.7, reference_s=0.6, loop_s=0.7, calls=(4, 32))}
     table = bench_logprob.write_table(by_point, str(tmp_path / "t.md"), "header")
     assert table.count("\n| 2048 | 128 | 8 |") == 1
+    assert "\n| 16 | 128 | 32 | 4 |" in table and "1.00 (2 ch.)" in table and "| 4 (32) |" in table
     assert len(bench_logprob.write_plots(by_point, str(tmp_path), "title")) == 3
     head = bench_logprob.head_ablation(point, tiny_shape, rounds=1)
     assert set(head) == {"trl", "grouped_trl_head", "grouped"} and min(head.values()) > 0
-    checks = bench_logprob.check_targets(by_point, check, head_check=head)
-    verdicts = {name: passed for name, passed, _ in checks}
-    assert sorted(verdicts.values(), key=str) == sorted([True, True, True, False, None], key=str)
+    previous = {common.Point(512, 64, 2): rows(3.0)}
+    checks = bench_logprob.check_targets(by_point, check, head_check=head, previous=previous)
+    verdicts = {name.split(" (")[0].split(" at ")[0]: passed for name, passed, _ in checks}
+    assert verdicts == {
+        "speedup over GRPOTrainer >= 0.9 x FLOP ratio": True,
+        "peak memory": True,
+        "at least 1.15x as fast as the reference implementation": False,  # 0.6 s vs 0.54 s at the 16 groups
+        "one-group points no slower than before": False,  # 0.556 s vs the loop's 0.5 s at P=512: 1.11
+        "one-group points against the committed run 2026-12-02T15:33:49": None,
+        "several groups: groups sharing attention calls vs the per-group loop": None,
+        "no dense T x T mask": True,
+        "share of the speedup": None,
+    }
+    details = {name.split(" implementation")[0]: detail for name, _, detail in checks}
+    assert "below at: P=128 C=32 G=4 x16 groups (1.11)" in details["at least 1.15x as fast as the reference"]
     assert "sharing alone" in checks[-1][2]
     common.append_csv(str(tmp_path / "r.csv"), [{"a": 1, "b": 2}])
     common.append_csv(str(tmp_path / "r.csv"), [{"a": 3, "b": 4}])
@@ -138,9 +181,19 @@ def test_attention_variants_agree(tiny_shape, capsys):
 
     bench_attention.main(["--shape", tiny_shape, "--prompt-len", "12", "--completion-len", "3", "--group-size", "3",
                           "--num-groups", "2", "--reps", "1"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if "max |diff| to shipped" in line]
-    assert [line.split()[0] for line in lines] == ["shipped", "rectangle", "batched", "lse_merge"]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "max |diff| to shipped" in line]
+    assert [line.split()[0] for line in lines] == ["shipped", "loop", "rectangle", "lse_merge"]
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-5 for line in lines)
+    assert "shipped makes 2 calls, the loop 4" in out  # two tiny groups share their calls
+
+
+def test_attention_calibration_runs(tiny_shape):
+    from benchmarks import bench_attention
+
+    result = bench_attention.calibrate(common.build_model(tiny_shape), tiny_shape, reps=1)
+    assert result["calls"]["small"] == 64 and result["calls"]["small bucketed"] < 64
+    assert result["per_pair_ns"] > 0 and set(result) >= {"call_pairs", "token_pairs"}
 
 
 def test_hybrid_benchmark_and_its_flop_model(tmp_path):
