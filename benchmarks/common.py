@@ -387,7 +387,7 @@ class PointCase:
     shape: str = "cpu-small"
     device: str = "cpu"
     threads: int = 1
-    rounds: int = 3
+    rounds: int = 4
     slow_rounds: int = 2
     slow_step_s: float = 10.0
     very_slow_step_s: float = 60.0
@@ -443,10 +443,10 @@ def run_point_case(case: PointCase) -> dict:
        path has run a full-size step yet) and doubles as its warmup; the others get one unmeasured warmup step
        (their memory is measured alone by `run_memory_case`, which costs little for them).
     3. Time, interleaved: up to `rounds` rounds, each timing in turn every path that has rounds left, so that a change
-       in the host's load slows every path of a round alike. A path whose warmup step took over `slow_step_s` CPU
-       seconds runs `slow_rounds` rounds (the median of 2 is their mean), over `very_slow_step_s` one: this bounds
-       the sweep where GRPOTrainer's step takes minutes, while the fast paths, whose ratio to each other is the
-       finer one, keep all their rounds.
+       in the host's load slows every path of a round alike; the order rotates by one path each round. A path whose
+       warmup step took over `slow_step_s` CPU seconds runs `slow_rounds` rounds (the median of 2 is their mean),
+       over `very_slow_step_s` one: this bounds the sweep where GRPOTrainer's step takes minutes, while the fast
+       paths, whose ratio to each other is the finer one, keep all their rounds.
 
     Returns per path: wall and CPU seconds per round, the first path's memory, log-probs max |diff| to the first path.
     """
@@ -473,7 +473,9 @@ def run_point_case(case: PointCase) -> dict:
             rounds[setup.path] = (1 if warmup_cpu > case.very_slow_step_s
                                   else case.slow_rounds if warmup_cpu > case.slow_step_s else case.rounds)
         for index in range(max(rounds.values())):
-            for setup in setups:
+            # Each round starts one path later: a path right after a large step (GRPOTrainer's frees gigabytes) runs
+            # on colder caches and allocator state, and no path should always be the one that does.
+            for setup in setups[index % len(setups):] + setups[: index % len(setups)]:
                 if index < rounds[setup.path]:
                     wall, cpu = _timed_step(setup.step, case.device)
                     results[setup.path]["wall_s"].append(wall)
