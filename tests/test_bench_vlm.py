@@ -3,22 +3,9 @@ Smoke test of `benchmarks/bench_vlm.py` at a tiny size: both paths agree, the vi
 grouped path and G times in GRPOTrainer's, and the report is written. (The benchmark itself is a script, not a test.)
 """
 
-import os
-import sys
-
 import pytest
-import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import bench_vlm  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from benchmarks import bench_vlm
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,11 @@ the three log-prob paths agree, the reference adapter masks ragged batches right
 README says, the dense-mask check and the report writers run.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import bench_hybrid, bench_logprob, common, reference_adapter  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from benchmarks import bench_hybrid, bench_logprob, common, reference_adapter
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +215,8 @@ def test_hybrid_benchmark_and_its_flop_model(tmp_path):
         assert all(float(row["max_abs_logp_diff_vs_trl"]) < 1e-5 for row in rows)
         bench_hybrid.TARGET_POINT, target = point, bench_hybrid.TARGET_POINT
         try:
-            lines = bench_hybrid.report({point: {row["path"]: row for row in rows}}, args, common.environment(), "test")
+            by_point = {point: {row["path"]: row for row in rows}}
+            lines = bench_hybrid.report(by_point, args, common.environment(), "test")
         finally:
             bench_hybrid.TARGET_POINT = target
         written = (tmp_path / "hybrid_latest.md").read_text()
