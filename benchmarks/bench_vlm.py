@@ -31,23 +31,18 @@ import time
 from dataclasses import dataclass
 
 import torch
-from datasets import Dataset
 from trl import GRPOTrainer
-
-from prefix_grouper_trl import PrefixGroupedGRPOTrainer
 
 from .common import (
     RESULTS_DIR,
     IsolatedRunner,
     append_csv,
     environment,
-    even_token_reward,
-    grpo_config,
     load_average,
+    make_trainer,
     markdown_table,
     measure_peak,
     pin_malloc_mmap_threshold,
-    word_tokenizer,
 )
 
 PATHS = ("trl", "grouped")
@@ -142,18 +137,6 @@ def make_vlm_batch(point: VlmPoint, model, device: str, seed: int = 0):
     return input_ids.to(device), torch.ones_like(input_ids).to(device), point.completion_len, inputs
 
 
-def make_vlm_trainer(path: str, model, device: str, output_dir: str):
-    """A GRPOTrainer (`trl`) or PrefixGroupedGRPOTrainer (`grouped`) around `model`, to call its log-prob method."""
-    trainer_cls = GRPOTrainer if path == "trl" else PrefixGroupedGRPOTrainer
-    return trainer_cls(
-        model=model,
-        reward_funcs=even_token_reward,
-        args=grpo_config(output_dir, device),
-        train_dataset=Dataset.from_dict({"prompt": ["w8 w9 w10"] * 4}),
-        processing_class=word_tokenizer(model.config.get_text_config().vocab_size),
-    )
-
-
 @dataclass
 class VlmCase:
     point: VlmPoint
@@ -171,7 +154,7 @@ class _Setup:
         dtype = torch.float32 if case.device == "cpu" else torch.bfloat16
         self.path = path
         self.model = build_vlm(case.shape, case.device, dtype)
-        trainer = make_vlm_trainer(path, self.model, case.device, output_dir)
+        trainer = make_trainer(path, self.model, case.device, output_dir)
         if path == "trl":
             method = lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k)  # noqa: E731
         else:

@@ -156,7 +156,7 @@ def make_trainer(path: str, model, device: str, output_dir: str):
         reward_funcs=even_token_reward,
         args=grpo_config(output_dir, device),
         train_dataset=Dataset.from_dict({"prompt": ["w4 w5 w6"] * 4}),
-        processing_class=word_tokenizer(model.config.vocab_size),
+        processing_class=word_tokenizer(model.config.get_text_config().vocab_size),
     )
 
 
@@ -653,8 +653,8 @@ def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = T
     FLOPs of one log-prob forward+backward of a hybrid shape (Gated DeltaNet and full-attention layers), per path.
 
     Each layer's linear maps (projections, MLP) are counted from the model's own parameter count (built on the meta
-    device), times the tokens the layer is fed; full-attention layers add 4 * heads * head_dim per query-key pair; Gated
-    DeltaNet layers add their depthwise convolution (2 * kernel * channels per token) and the chunked delta rule
+    device), times the tokens the layer is fed; full-attention layers add 4 * heads * head_dim per query-key pair;
+    Gated DeltaNet layers add their depthwise convolution (2 * kernel * channels per token) and the chunked delta rule
     (chunk c = 64, per token and value head: 4c*dk for the two in-chunk QK products, c*(dk+dv) for the triangular
     solves, 2c*dv for the in-chunk read, 6*dk*dv for the state read, correction and update), on the sequence padded
     to whole chunks. Forward + backward = 3x the forward.
@@ -685,18 +685,21 @@ def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = T
     packed = groups * (prefix + suffix)
     fed = {
         "trl": dict(tokens=rows * width, deltanet_scan=rows * _chunks_of(width, chunk),
-                    pairs=rows * width * (width + 1) // 2, head=rows * (width - 1) if fused_head_scores_all else rows * C),
+                    pairs=rows * width * (width + 1) // 2,
+                    head=rows * (width - 1) if fused_head_scores_all else rows * C),
         "grouped": dict(tokens=packed, deltanet_scan=groups * _chunks_of(prefix, chunk) + rows * _chunks_of(C, chunk),
                         pairs=groups * (prefix * (prefix + 1) // 2 + G * C * (prefix + C)), head=rows * C),
     }
     counts = {}
     for path, f in fed.items():
-        count = FlopCount(linear_tokens=f["tokens"], attention_pairs=f["pairs"], head_positions=f["head"], head_passes=4)
+        count = FlopCount(linear_tokens=f["tokens"], attention_pairs=f["pairs"], head_positions=f["head"],
+                          head_passes=4)
         count.parts = {
             "linear": 6 * sum(linear_params.values()) * f["tokens"],
             "attention": 12 * num_attention * attention_width * f["pairs"],
-            "deltanet": 3 * num_deltanet * (delta_rule_per_token * f["deltanet_scan"]
-                                             + 2 * kernel * conv_channels * f["tokens"]),
+            "deltanet": 3 * num_deltanet * (
+                delta_rule_per_token * f["deltanet_scan"] + 2 * kernel * conv_channels * f["tokens"]
+            ),
             "head": 2 * 4 * cfg["vocab_size"] * cfg["hidden_size"] * f["head"],
         }
         count.flops = float(sum(count.parts.values()))
