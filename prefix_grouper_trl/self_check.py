@@ -83,7 +83,8 @@ def probe_batch(config, device) -> tuple[torch.Tensor, torch.Tensor, int, torch.
     rows, masks = [], []
     for prompt_len, completion_len, group in zip(PROBE_PROMPT_LENS, PROBE_COMPLETION_LENS, PROBE_GROUPS):
         left, right = width_prompt - prompt_len, width_completion - completion_len
-        rows.append(torch.cat([torch.full((left,), pad), prompts[group], draw(completion_len), torch.full((right,), pad)]))
+        padding = torch.full((left,), pad), torch.full((right,), pad)
+        rows.append(torch.cat([padding[0], prompts[group], draw(completion_len), padding[1]]))
         masks.append(torch.cat([torch.zeros(left), torch.ones(prompt_len + completion_len), torch.zeros(right)]))
     input_ids, attention_mask = torch.stack(rows), torch.stack(masks).long()
     changed = input_ids.clone()
@@ -260,7 +261,8 @@ def check_grouped_forward(model, inner_model, grouped_forward_context, check_lay
 
     differences = _differing_modules(grouped_records, repeated_records, layout, reference_is_repeated=True)
     columns = layout.position_ids[0]
-    # Tokens completion A1's content may change legitimately: its own suffix (row 0, from the repeated prompt token on).
+    # Tokens completion A1's content may change legitimately: its own suffix (row 0, from the repeated prompt token
+    # on).
     others = ~((layout.token_rows == 0) & (columns >= layout.prompt_width - 1))
     leaks = _differing_modules(changed_records, grouped_records, layout, reference_is_repeated=False, keep=others)
     if not any(name == "<backbone>" for name, _, _ in differences):

@@ -47,9 +47,8 @@ def _hybrid_configs():
         linear_conv_kernel_dim=4,
     )
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
-    no_attention = {
-        k: v for k, v in base.items() if k not in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-    }
+    attention_keys = ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    no_attention = {k: v for k, v in base.items() if k not in attention_keys}
     no_attention["num_hidden_layers"] = 2
     mamba2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
                   mamba_chunk_size=8)

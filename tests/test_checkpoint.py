@@ -23,7 +23,6 @@ TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_
 GROUPED_MARKERS = (b"prefix_grouped_", b"prefix_group_layout", b"_mask_cache", b"GroupLayout")
 
 
-
 class StopAt(TrainerCallback):
     """Stops training after `step`, as a killed job would, after that step's checkpoint is written."""
 

@@ -78,7 +78,9 @@ def make_trainer(tmp_path, arch="qwen2", attn="sdpa", model=None, **overrides):
 def logps_and_grads(trainer, method, input_ids, attention_mask, logits_to_keep, seed=1, **kwargs):
     """Run one log-prob method, backpropagate a random weighting of log-probs and entropies, return everything."""
     trainer.model.zero_grad(set_to_none=True)
-    logps, entropies, _ = method(trainer.model, input_ids, attention_mask, logits_to_keep, compute_entropy=True, **kwargs)
+    logps, entropies, _ = method(
+        trainer.model, input_ids, attention_mask, logits_to_keep, compute_entropy=True, **kwargs
+    )
     generator = torch.Generator().manual_seed(seed)
     weights = torch.randn(logps.shape, generator=generator)
     (logps * weights + entropies * weights.flip(0)).sum().backward()

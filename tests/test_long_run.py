@@ -42,7 +42,6 @@ LOOP_WARMUP = 40
 LOOP_RSS_BOUND_MIB = 8
 
 
-
 def _malloc_trim():
     """glibc keeps freed heap pages; trimming first makes RSS track live memory instead of allocator history."""
     try:

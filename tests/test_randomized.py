@@ -72,7 +72,6 @@ def _lengths(low: int, high: int, short: int):
     return st.one_of(st.integers(low, short), st.integers(low, high))
 
 
-
 @dataclass
 class GroupSpec:
     relation: str  # to the prompt of group `base` (see RELATIONS)

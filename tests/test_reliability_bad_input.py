@@ -26,7 +26,6 @@ from prefix_grouper_trl.integration import check_model_supported, enable_prefix_
 from prefix_grouper_trl.layout import build_group_layout, plan_row_chunks
 
 
-
 def make_trainer(output_dir, model, **overrides):
     return PrefixGroupedGRPOTrainer(
         model=model,

@@ -1,7 +1,6 @@
 """End to end: seeded GRPO runs with PrefixGroupedGRPOTrainer and GRPOTrainer give the same losses and parameters."""
 
 import pytest
-import torch
 from helpers import grpo_args, prompt_dataset, tiny_model, tiny_tokenizer, token_count_reward
 from trl import GRPOConfig, GRPOTrainer
 

@@ -27,7 +27,8 @@ import torch
 
 from ..layout import LAYOUT_KWARG, GroupLayout
 
-# The layout of the decoder layer being run (set for the duration of the layer's forward, see `_make_layer_read_layout`).
+# The layout of the decoder layer being run (set for the duration of the layer's forward, see
+# `_make_layer_read_layout`).
 _layer_layout: contextvars.ContextVar = contextvars.ContextVar("prefix_grouper_layer_layout", default=None)
 
 

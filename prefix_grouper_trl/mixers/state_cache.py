@@ -170,7 +170,8 @@ def run_two_pass(forward, module, hidden_states: torch.Tensor, layout: GroupLayo
     prefix, suffix = gather_segments(hidden_states, batches)
     prefix_out = None
     if prefix is not None:
-        prefix_out = _main_output(forward(prefix, attention_mask=batches.prefix_mask, **{cache_kwarg: cache}, **kwargs))
+        prefix_kwargs = {cache_kwarg: cache, **kwargs}
+        prefix_out = _main_output(forward(prefix, attention_mask=batches.prefix_mask, **prefix_kwargs))
         cache.select_rows(batches.suffix_group)
     context = contextlib.nullcontext() if on_suffix_pass is None else on_suffix_pass(cache)
     with context:
