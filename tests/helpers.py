@@ -238,6 +238,19 @@ def grpo_args(output_dir, config_cls=None, **overrides):
     return config_cls(**values)
 
 
+def gpu_grouped_trainer(output_dir, model, dtype):
+    """A PrefixGroupedGRPOTrainer around a model already on the GPU (bf16 mixed precision when `dtype` is bf16)."""
+    from prefix_grouper_trl import PrefixGroupedGRPOTrainer
+
+    return PrefixGroupedGRPOTrainer(
+        model=model,
+        reward_funcs=token_count_reward,
+        args=grpo_args(output_dir, use_cpu=False, bf16=dtype == torch.bfloat16),
+        train_dataset=prompt_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+
+
 def assert_close_verbose(name, actual, expected, atol=0.0, rtol=0.0):
     """Assert |actual - expected| <= atol + rtol * |expected|, naming the tensor and its worst index."""
     actual, expected = actual.detach().double(), expected.detach().double()

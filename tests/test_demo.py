@@ -160,6 +160,18 @@ def run_cli(args, env_overrides, cwd=REPO, timeout=900):
 SHORT_STEPS = 60
 
 
+def assert_demo_learned(result, output_dir, steps, margin):
+    """The run succeeded, logged one reward per step, and its last 20% of steps beat its first 20% by `margin`."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    history = json.loads((output_dir / "log_history.json").read_text())
+    rewards = [entry["reward"] for entry in history if "reward" in entry]
+    assert len(rewards) == steps
+    window = steps // 5
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    assert last > first + margin, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last)"
+    return history
+
+
 @pytest.mark.slow
 def test_demo_command_learns_and_reports(tmp_path):
     output_dir = tmp_path / "run"
@@ -167,15 +179,7 @@ def test_demo_command_learns_and_reports(tmp_path):
         ["--config", "recipes/tiny-cpu.yaml", "--max_steps", str(SHORT_STEPS), "--output_dir", str(output_dir)],
         {"PREFIX_GROUPER_TRL_HOME": str(tmp_path / "home"), "WANDB_MODE": "offline"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    history = json.loads((output_dir / "log_history.json").read_text())
-    rewards = [entry["reward"] for entry in history if "reward" in entry]
-    assert len(rewards) == SHORT_STEPS
-    window = SHORT_STEPS // 5
-    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
-    assert last > first + 0.08, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
-
+    history = assert_demo_learned(result, output_dir, SHORT_STEPS, margin=0.08)
     saved = [
         entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry
     ]
@@ -212,15 +216,10 @@ def test_vision_demo_command_learns_and_reports(tmp_path):
          "--output_dir", str(output_dir)],
         {"PREFIX_GROUPER_TRL_HOME": str(tmp_path / "home"), "WANDB_MODE": "offline"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    history = json.loads((output_dir / "log_history.json").read_text())
-    rewards = [entry["reward"] for entry in history if "reward" in entry]
-    assert len(rewards) == SHORT_VLM_STEPS
-    window = SHORT_VLM_STEPS // 5
-    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
-    assert last > first + 0.1, f"the demo did not learn: mean reward {first:.3f} (first 20%) -> {last:.3f} (last 20%)"
-    saved = [entry["prefix_grouper/tokens_saved_frac"] for entry in history
-             if "prefix_grouper/tokens_saved_frac" in entry]
+    history = assert_demo_learned(result, output_dir, SHORT_VLM_STEPS, margin=0.1)
+    saved = [
+        entry["prefix_grouper/tokens_saved_frac"] for entry in history if "prefix_grouper/tokens_saved_frac" in entry
+    ]
     assert saved and min(saved) > 0.8
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wandb (offline) : " in result.stdout and "mean reward   : " in result.stdout

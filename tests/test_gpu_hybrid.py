@@ -11,13 +11,12 @@ and mamba-ssm where they are installed, and transformers' torch implementations 
 
 import pytest
 import torch
-from helpers import CONFIGS, grpo_args, make_batch, max_relative_diff, moderate_deltanet_decay, prompt_dataset
-from helpers import assert_within_repeated_error, tiny_tokenizer, token_count_reward
+from helpers import CONFIGS, assert_within_repeated_error, gpu_grouped_trainer, make_batch, max_relative_diff
+from helpers import moderate_deltanet_decay
 from test_equivalence import layout_batch
 from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
-from prefix_grouper_trl import PrefixGroupedGRPOTrainer
 
 pytestmark = pytest.mark.gpu
 
@@ -33,16 +32,6 @@ def gpu_hybrid(arch: str, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     moderate_deltanet_decay(model)
     return model.cuda().eval()
-
-
-def trainer_for(tmp_path, model, dtype):
-    return PrefixGroupedGRPOTrainer(
-        model=model,
-        reward_funcs=token_count_reward,
-        args=grpo_args(tmp_path, use_cpu=False, bf16=dtype == torch.bfloat16),
-        train_dataset=prompt_dataset(),
-        processing_class=tiny_tokenizer(),
-    )
 
 
 def batch_for(case):
@@ -61,7 +50,7 @@ def run(method, model, batch, weights):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_equals_the_repeated_forward(tmp_path, arch, case):
-    trainer = trainer_for(tmp_path, gpu_hybrid(arch, torch.float32), torch.float32)
+    trainer = gpu_grouped_trainer(tmp_path, gpu_hybrid(arch, torch.float32), torch.float32)
     batch = batch_for(case)
     weights = torch.randn(batch[0].size(0), batch[2], generator=torch.Generator().manual_seed(1)).cuda()
     grouped = run(trainer._get_per_token_logps_and_entropies, trainer.model, batch, weights)
@@ -77,10 +66,10 @@ def test_fp32_equals_the_repeated_forward(tmp_path, arch, case):
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_within_the_repeated_forwards_error(tmp_path, arch, case):
     model = gpu_hybrid(arch, torch.bfloat16)
-    trainer = trainer_for(tmp_path, model, torch.bfloat16)
+    trainer = gpu_grouped_trainer(tmp_path, model, torch.bfloat16)
     reference_model = gpu_hybrid(arch, torch.float32)
     reference_model.load_state_dict({name: value.float() for name, value in model.state_dict().items()})
-    reference_trainer = trainer_for(tmp_path / "ref", reference_model, torch.float32)
+    reference_trainer = gpu_grouped_trainer(tmp_path / "ref", reference_model, torch.float32)
     batch = batch_for(case)
     weights = torch.randn(batch[0].size(0), batch[2], generator=torch.Generator().manual_seed(1)).cuda()
     repeated_method = lambda t: lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(t, *a, **k)  # noqa

@@ -10,12 +10,11 @@ through the split attention; both must stay exact.
 
 import pytest
 import torch
-from helpers import VLM_ARCHITECTURES, grpo_args, make_vlm_batch, max_relative_diff, prompt_dataset, tiny_tokenizer
-from helpers import assert_within_repeated_error, tiny_vlm, token_count_reward
+from helpers import VLM_ARCHITECTURES, assert_within_repeated_error, gpu_grouped_trainer, make_vlm_batch
+from helpers import max_relative_diff, tiny_vlm
 from test_multimodal import VLM_CASES
 from trl import GRPOTrainer
 
-from prefix_grouper_trl import PrefixGroupedGRPOTrainer
 
 pytestmark = pytest.mark.gpu
 
@@ -34,14 +33,7 @@ def attention_implementations():
 
 
 def trainer_for(tmp_path, arch, dtype, attn):
-    model = tiny_vlm(arch, attn_implementation=attn).to(dtype).cuda().eval()
-    return PrefixGroupedGRPOTrainer(
-        model=model,
-        reward_funcs=token_count_reward,
-        args=grpo_args(tmp_path, use_cpu=False, bf16=dtype == torch.bfloat16),
-        train_dataset=prompt_dataset(),
-        processing_class=tiny_tokenizer(),
-    )
+    return gpu_grouped_trainer(tmp_path, tiny_vlm(arch, attn_implementation=attn).to(dtype).cuda().eval(), dtype)
 
 
 def batch_for(arch, case, dtype):
