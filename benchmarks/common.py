@@ -45,6 +45,7 @@ from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from trl import GRPOConfig, GRPOTrainer
 
 from prefix_grouper_trl import PrefixGroupedGRPOTrainer
+from prefix_grouper_trl import head as cpu_head
 
 from . import reference_adapter
 
@@ -583,6 +584,13 @@ def model_flop_constants(shape: str) -> dict:
     )
 
 
+def grouped_head_passes(positions: int, vocab: int, on_cpu: bool) -> int:
+    """LM-head GEMMs per scored position of the grouped path: on a CPU its own head keeps the forward's tile for the
+    backward when all positions fit one (3 passes, `head.KEEP_ELEMENTS`); otherwise, and with TRL's head, 4."""
+    keeps = on_cpu and positions * vocab <= min(cpu_head.KEEP_ELEMENTS, cpu_head.TILE_ELEMENTS)
+    return 3 if keeps else 4
+
+
 def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) -> dict[str, FlopCount]:
     """
     FLOPs of one log-prob forward+backward for each path, counting what each actually feeds (see benchmarks/README.md):
@@ -592,7 +600,7 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
               + 2 * head_passes * vocab * hidden * head_positions
 
     `fused_head_scores_all`: TRL's fused head scores every input position when Triton is unavailable (CPU) and only
-    the positions with a label on CUDA.
+    the positions with a label on CUDA; it also stands for "on a CPU" in `grouped_head_passes`.
     """
     if "layer_types" in MODEL_SHAPES[shape]:
         return hybrid_flop_counts(point, shape, fused_head_scores_all)
@@ -601,6 +609,7 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
     width = P + C
     prefix = P - 1  # our packed prefix: the last prompt token heads every suffix instead
     suffix = G * C  # our suffix tokens per group: last prompt token + C-1 completion tokens per row
+    our_head_passes = grouped_head_passes(rows * C, MODEL_SHAPES[shape]["vocab_size"], fused_head_scores_all)
     counts = {
         # B rows of padded width L; no padding here, so SDPA runs is_causal: L(L+1)/2 pairs per row.
         "trl": FlopCount(
@@ -616,13 +625,13 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
             linear_tokens=groups * (prefix + suffix),
             attention_pairs=grouped_attention_pairs(point, shape),
             head_positions=rows * C,
-            head_passes=4,
+            head_passes=our_head_passes,
         ),
         "grouped_loop": FlopCount(
             linear_tokens=groups * (prefix + suffix),
             attention_pairs=grouped_attention_pairs(point, shape, loop=True),
             head_positions=rows * C,
-            head_passes=4,
+            head_passes=our_head_passes,
         ),
         # (num_groups, P + G*C) grouped rows; prefix causal, then per response C queries x (P + C) keys with a mask;
         # full logits at every position of the grouped rows.
@@ -692,15 +701,16 @@ def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = T
     }
     counts = {}
     for path, f in fed.items():
+        passes = 4 if path == "trl" else grouped_head_passes(f["head"], cfg["vocab_size"], fused_head_scores_all)
         count = FlopCount(linear_tokens=f["tokens"], attention_pairs=f["pairs"], head_positions=f["head"],
-                          head_passes=4)
+                          head_passes=passes)
         count.parts = {
             "linear": 6 * sum(linear_params.values()) * f["tokens"],
             "attention": 12 * num_attention * attention_width * f["pairs"],
             "deltanet": 3 * num_deltanet * (
                 delta_rule_per_token * f["deltanet_scan"] + 2 * kernel * conv_channels * f["tokens"]
             ),
-            "head": 2 * 4 * cfg["vocab_size"] * cfg["hidden_size"] * f["head"],
+            "head": 2 * passes * cfg["vocab_size"] * cfg["hidden_size"] * f["head"],
         }
         count.flops = float(sum(count.parts.values()))
         counts[path] = count

@@ -11,6 +11,7 @@ itself on a CPU. `ScoredLogProbFunction` computes the same quantities with full-
               logp_target = log_p[n, target[n]]
               entropy = -<exp(log_p), log_p>   one batched row-dot
     backward  recompute z; log_p = z - log_z (saved log_z, in place); p = exp(log_p)
+              (when all N tokens fit one tile of at most KEEP_ELEMENTS, log_p is kept from the forward instead)
               dz = -p * (g_lp + g_ent * (log_p + entropy))  +  g_lp * onehot(target)
                                                one addcmul and one in-place mul, then an N-element scatter
               dh += dz @ W,  dW += dz.T @ h,  db += dz.sum(0)
@@ -28,6 +29,12 @@ import torch
 # Elements of one logits tile: 2**24 fp32 values = 64 MiB, e.g. 2048 tokens of an 8192-token vocabulary or 110 of
 # Qwen2.5's 151936. The forward and the backward each hold two or three such buffers at a time.
 TILE_ELEMENTS = 2**24
+
+# When every token fits one tile of at most this many elements (and there is no softcap, whose backward needs its
+# tanh), the forward's log-probability tile is kept for the backward instead of recomputed: one (N, H) x (H, V)
+# product and a pass over the tile fewer, for one tile (at most 64 MiB) held from the forward to the backward, where it
+# stays as it is (a second backward through a retained graph reads it again). 0 turns it off.
+KEEP_ELEMENTS = 2**24
 
 
 def _tokens_per_tile(vocab: int) -> int:
@@ -83,6 +90,9 @@ class ScoredLogProbFunction(torch.autograd.Function):
         log_z = hidden.new_empty(num_tokens, dtype=torch.float32)
         entropy = hidden.new_empty(num_tokens, dtype=torch.float32) if compute_entropy else None
         step = _tokens_per_tile(vocab)
+        keep = softcap is None and num_tokens <= step and num_tokens * vocab <= KEEP_ELEMENTS
+        keep = keep and any(ctx.needs_input_grad[:3])
+        kept = None
         for start in range(0, num_tokens, step):
             end = min(start + step, num_tokens)
             z, _ = _logits(hidden[start:end], weight, bias, logit_scale, softcap, inv_t)
@@ -92,13 +102,15 @@ class ScoredLogProbFunction(torch.autograd.Function):
             if compute_entropy:
                 p = torch.exp(log_p)
                 entropy[start:end] = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+            if keep:
+                kept = log_p
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, kept)
         ctx.settings = (inv_t, softcap, logit_scale, gather)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy, kept = ctx.saved_tensors
         inv_t, softcap, logit_scale, gather = ctx.settings
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logprobs is None and grad_entropy is None:
@@ -118,15 +130,20 @@ class ScoredLogProbFunction(torch.autograd.Function):
             for start in range(0, num_tokens, step):
                 end = min(start + step, num_tokens)
                 hidden_tile = hidden[start:end]
-                z, tanh = _logits(hidden_tile, weight, bias, logit_scale, softcap, inv_t)
-                log_p = z.sub_(log_z[start:end, None])
+                if kept is not None:  # one tile, no softcap
+                    log_p, tanh = kept, None
+                else:
+                    z, tanh = _logits(hidden_tile, weight, bias, logit_scale, softcap, inv_t)
+                    log_p = z.sub_(log_z[start:end, None])
                 p = torch.exp(log_p)
                 # -(g_lp + g_ent * (log_p + entropy)) = (-g_lp - g_ent * entropy) + (-g_ent) * log_p, per row
                 if g_ent is not None:
                     offset = -g_ent[start:end] * entropy[start:end]
                     if g_lp is not None:
                         offset -= g_lp[start:end]
-                    coefficient = torch.addcmul(offset[:, None], log_p, -g_ent[start:end, None], out=log_p)
+                    # Into log_p's own storage, unless it is the kept tile (a second backward may read it again).
+                    out = log_p if kept is None else None
+                    coefficient = torch.addcmul(offset[:, None], log_p, -g_ent[start:end, None], out=out)
                     grad_z = p.mul_(coefficient)
                 else:
                     grad_z = p.mul_(-g_lp[start:end, None])

@@ -63,11 +63,14 @@ def _run(path, case, dtype=torch.float32):
     return {name: t.detach().double() for name, t in named.items() if t is not None}
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["tile_kept", "tile_recomputed"])
 @pytest.mark.parametrize("tile_rows", [3, None], ids=["several_tiles", "one_tile"])
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_matches_float64_as_closely_as_trls_head(case, tile_rows, monkeypatch):
+def test_matches_float64_as_closely_as_trls_head(case, tile_rows, keep, monkeypatch):
     if tile_rows is not None:
         monkeypatch.setattr(head_module, "TILE_ELEMENTS", tile_rows * case[1])
+    if not keep:
+        monkeypatch.setattr(head_module, "KEEP_ELEMENTS", 0)
     reference, trl, ours = _run("float64", case, torch.float64), _run("trl", case), _run("ours", case)
     assert ours.keys() == reference.keys() == trl.keys()
     for name, expected in reference.items():
@@ -86,6 +89,33 @@ def test_frozen_weight_and_no_grad():
     with torch.no_grad():
         again, _ = scored_logprobs(hidden, weight, bias, targets)
     torch.testing.assert_close(again, logprobs.detach(), rtol=0, atol=0)
+
+
+def test_kept_tile_gives_the_recomputed_gradients_and_survives_a_retained_graph(monkeypatch):
+    """One tile: the backward reads the forward's log-probabilities instead of recomputing them; same numbers, and a
+    second backward through a retained graph (which reads the kept tile again) gives them again."""
+    hidden, weight, bias, targets, grad_logprobs, grad_entropy = _inputs(30, 200, 8, True)
+
+    def grads(keep_elements, backwards=1):
+        monkeypatch.setattr(head_module, "KEEP_ELEMENTS", keep_elements)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logprobs, entropy = scored_logprobs(*leaves, targets, 0.9)
+        loss = (logprobs * grad_logprobs).sum() + (entropy * grad_entropy).sum()
+        kept = logprobs.grad_fn.saved_tensors[-1]
+        for i in range(backwards):
+            for leaf in leaves:
+                leaf.grad = None
+            loss.backward(retain_graph=i + 1 < backwards)
+        return [leaf.grad for leaf in leaves], kept
+
+    recomputed, kept = grads(0)
+    assert kept is None
+    once, kept = grads(2**24)
+    assert kept is not None and kept.shape == (30, 200)
+    twice, _ = grads(2**24, backwards=2)
+    for a, b, c in zip(recomputed, once, twice):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
 
 
 def test_routing_only_inside_our_forward_and_only_where_it_applies():
