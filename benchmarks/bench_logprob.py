@@ -39,6 +39,7 @@ from .common import (
     plan_chunks,
     run_memory_case,
     run_point_case,
+    split_lengths,
 )
 
 GRID_PROMPT_LENS = (512, 1024, 2048, 4096)
@@ -94,10 +95,7 @@ def attention_calls_per_layer(point: Point, shape: str, loop: bool = False, thre
     """Attention calls per layer of the CPU split attention at this point (its own plan, or the per-group loop)."""
     from prefix_grouper_trl import attention
 
-    cfg = MODEL_SHAPES[shape]
-    width = cfg["num_attention_heads"] * cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-    prefix_lens = [point.prompt_len - 1] * point.num_groups
-    suffix_lens = [[point.completion_len] * point.group_size] * point.num_groups
+    prefix_lens, suffix_lens, width = split_lengths(point, shape)
     buckets = None if loop else attention.plan_buckets(prefix_lens, suffix_lens, width, threads)
     if buckets is None:
         return sum(1 + (length > 0) for length in prefix_lens)

@@ -496,7 +496,8 @@ PEAK_MEMORY_MODEL = {  # path -> (fixed GiB, KiB per token)
 
 
 def tokens_fed(path: str, point: Point) -> int:
-    """Tokens through the decoder: every row whole (`trl`), the packed row (ours), the grouped rows (reference)."""
+    """Tokens through the decoder: every row whole (`trl`), the packed row (ours: P-1 + G*C per group, the last prompt
+    token heading every suffix instead), the grouped rows (reference: P + G*C per group)."""
     if path == "trl":
         return point.rows * (point.prompt_len + point.completion_len)
     prefix = point.prompt_len - (path != "reference")
@@ -542,6 +543,16 @@ class IsolatedRunner:
 # Analytic FLOP model
 
 
+def split_lengths(point: Point, shape: str) -> tuple[list[int], list[list[int]], int]:
+    """The point's packed row as the split attention's planner sees it: `(prefix_lens, suffix_lens, width)`, width
+    being heads x head_dim."""
+    cfg = MODEL_SHAPES[shape]
+    width = cfg["num_attention_heads"] * cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    prefix_lens = [point.prompt_len - 1] * point.num_groups
+    suffix_lens = [[point.completion_len] * point.group_size for _ in range(point.num_groups)]
+    return prefix_lens, suffix_lens, width
+
+
 def grouped_attention_pairs(point: Point, shape: str, loop: bool = False) -> int:
     """
     Query-key pairs per layer that `prefix_grouper_trl.attention.split_attention` computes for the point's packed row,
@@ -549,10 +560,7 @@ def grouped_attention_pairs(point: Point, shape: str, loop: bool = False) -> int
     """
     from prefix_grouper_trl import attention
 
-    cfg = MODEL_SHAPES[shape]
-    width = cfg["num_attention_heads"] * cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-    prefix_lens = [point.prompt_len - 1] * point.num_groups
-    suffix_lens = [[point.completion_len] * point.group_size for _ in range(point.num_groups)]
+    prefix_lens, suffix_lens, width = split_lengths(point, shape)
     if loop:
         return attention._loop_pairs(prefix_lens, suffix_lens)
     return attention.planned_attention_pairs(prefix_lens, suffix_lens, width)
@@ -587,8 +595,7 @@ def model_flop_constants(shape: str) -> dict:
 def grouped_head_passes(positions: int, vocab: int, on_cpu: bool) -> int:
     """LM-head GEMMs per scored position of the grouped path: on a CPU its own head keeps the forward's tile for the
     backward when all positions fit one (3 passes, `head.KEEP_ELEMENTS`); otherwise, and with TRL's head, 4."""
-    keeps = on_cpu and positions * vocab <= min(cpu_head.KEEP_ELEMENTS, cpu_head.TILE_ELEMENTS)
-    return 3 if keeps else 4
+    return 3 if on_cpu and cpu_head.keeps_tile(positions, vocab) else 4
 
 
 def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) -> dict[str, FlopCount]:
@@ -607,13 +614,11 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
     P, C, G, groups = point.prompt_len, point.completion_len, point.group_size, point.num_groups
     rows = G * groups
     width = P + C
-    prefix = P - 1  # our packed prefix: the last prompt token heads every suffix instead
-    suffix = G * C  # our suffix tokens per group: last prompt token + C-1 completion tokens per row
     our_head_passes = grouped_head_passes(rows * C, MODEL_SHAPES[shape]["vocab_size"], fused_head_scores_all)
     counts = {
         # B rows of padded width L; no padding here, so SDPA runs is_causal: L(L+1)/2 pairs per row.
         "trl": FlopCount(
-            linear_tokens=rows * width,
+            linear_tokens=tokens_fed("trl", point),
             attention_pairs=rows * width * (width + 1) // 2,
             head_positions=rows * (width - 1) if fused_head_scores_all else rows * C,
             head_passes=4,
@@ -622,13 +627,13 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
         # suffix's C queries x (P-1 + C) keys; groups sharing a call are padded to its longest, none here as all
         # groups are equal); the backbone hook hands the head only the scored positions.
         "grouped": FlopCount(
-            linear_tokens=groups * (prefix + suffix),
+            linear_tokens=tokens_fed("grouped", point),
             attention_pairs=grouped_attention_pairs(point, shape),
             head_positions=rows * C,
             head_passes=our_head_passes,
         ),
         "grouped_loop": FlopCount(
-            linear_tokens=groups * (prefix + suffix),
+            linear_tokens=tokens_fed("grouped_loop", point),
             attention_pairs=grouped_attention_pairs(point, shape, loop=True),
             head_positions=rows * C,
             head_passes=our_head_passes,
@@ -636,7 +641,7 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
         # (num_groups, P + G*C) grouped rows; prefix causal, then per response C queries x (P + C) keys with a mask;
         # full logits at every position of the grouped rows.
         "reference": FlopCount(
-            linear_tokens=groups * (P + G * C),
+            linear_tokens=tokens_fed("reference", point),
             attention_pairs=groups * (P * (P + 1) // 2) + rows * C * (P + C),
             head_positions=groups * (P + G * C),
             head_passes=3,
@@ -690,13 +695,13 @@ def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = T
     num_attention = cfg["layer_types"].count("full_attention")
     num_deltanet = cfg["layer_types"].count("linear_attention")
 
-    prefix, suffix = P - 1, G * C
-    packed = groups * (prefix + suffix)
+    prefix = P - 1
     fed = {
-        "trl": dict(tokens=rows * width, deltanet_scan=rows * _chunks_of(width, chunk),
+        "trl": dict(tokens=tokens_fed("trl", point), deltanet_scan=rows * _chunks_of(width, chunk),
                     pairs=rows * width * (width + 1) // 2,
                     head=rows * (width - 1) if fused_head_scores_all else rows * C),
-        "grouped": dict(tokens=packed, deltanet_scan=groups * _chunks_of(prefix, chunk) + rows * _chunks_of(C, chunk),
+        "grouped": dict(tokens=tokens_fed("grouped", point),
+                        deltanet_scan=groups * _chunks_of(prefix, chunk) + rows * _chunks_of(C, chunk),
                         pairs=groups * (prefix * (prefix + 1) // 2 + G * C * (prefix + C)), head=rows * C),
     }
     counts = {}

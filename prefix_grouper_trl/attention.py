@@ -523,6 +523,11 @@ def split_attention(
     return _per_group_attention(base_attention, module, query, key, value, layout, plan.group_plans, **kwargs)
 
 
+def _as_batch(tokens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """`(rows * length, h, D)` token-major slots of one call -> `(rows, h, length, D)`."""
+    return tokens.unflatten(0, (rows, length)).transpose(1, 2)
+
+
 def _bucketed_attention(
     base_attention: AttentionFn, module, query, key, value, plan: _BucketedPlan, **kwargs
 ) -> tuple[torch.Tensor, None]:
@@ -537,12 +542,9 @@ def _bucketed_attention(
         plan.calls, query_rows.split(plan.query_sizes), key_rows.split(plan.key_sizes),
         value_rows.split(plan.key_sizes),
     ):
-        def batch(rows, length):  # (rows * length, h, D) -> (rows, h, length, D)
-            return rows.unflatten(0, (call.rows, length)).transpose(1, 2)
-
         out, _ = base_attention(
-            module, batch(call_query, call.query_len), batch(call_key, call.key_len),
-            batch(call_value, call.key_len), call.mask, is_causal=call.is_causal, **kwargs,
+            module, _as_batch(call_query, call.rows, call.query_len), _as_batch(call_key, call.rows, call.key_len),
+            _as_batch(call_value, call.rows, call.key_len), call.mask, is_causal=call.is_causal, **kwargs,
         )
         outputs.append(out.flatten(0, 1))  # (rows * query_len, H, D)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

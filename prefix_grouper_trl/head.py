@@ -41,6 +41,11 @@ def _tokens_per_tile(vocab: int) -> int:
     return max(1, TILE_ELEMENTS // max(vocab, 1))
 
 
+def keeps_tile(num_tokens: int, vocab: int, softcap: float | None = None) -> bool:
+    """Whether `ScoredLogProbFunction` keeps the forward's log-probability tile for the backward (`KEEP_ELEMENTS`)."""
+    return softcap is None and num_tokens <= _tokens_per_tile(vocab) and num_tokens * vocab <= KEEP_ELEMENTS
+
+
 def _logits(hidden_tile, weight, bias, logit_scale: float, softcap: float | None, inv_t: float):
     """`transform(hidden_tile @ weight.T + bias)`, `(n, V)`, and `tanh(y / softcap)` (or None) for the backward."""
     z = hidden_tile @ weight.t() if bias is None else torch.addmm(bias, hidden_tile, weight.t())
@@ -90,8 +95,7 @@ class ScoredLogProbFunction(torch.autograd.Function):
         log_z = hidden.new_empty(num_tokens, dtype=torch.float32)
         entropy = hidden.new_empty(num_tokens, dtype=torch.float32) if compute_entropy else None
         step = _tokens_per_tile(vocab)
-        keep = softcap is None and num_tokens <= step and num_tokens * vocab <= KEEP_ELEMENTS
-        keep = keep and any(ctx.needs_input_grad[:3])
+        keep = keeps_tile(num_tokens, vocab, softcap) and any(ctx.needs_input_grad[:3])
         kept = None
         for start in range(0, num_tokens, step):
             end = min(start + step, num_tokens)
