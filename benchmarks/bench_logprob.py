@@ -160,11 +160,12 @@ def measure(points: list[Point], args, env: dict, run_id: str, runner: IsolatedR
     for index, point in enumerate(points, 1):
         start = time.perf_counter()
         chunks = plan_chunks(point, args.paths, args.memory_budget_gib) if args.device == "cpu" else ()
-        case = PointCase(point, tuple(args.paths), args.shape, args.device, args.threads, args.rounds, chunks=chunks)
+        case = PointCase(point, tuple(args.paths), args.shape, args.device, args.threads, args.rounds,
+                         slow_rounds=args.slow_rounds, chunks=chunks)
         try:
             raw = runner.run(run_point_case, case)
             for path in args.paths[1:]:  # the first path's memory was measured in the timing process
-                if path == "grouped_loop":  # the same trainer as `grouped`; only its time is of interest
+                if path == "grouped_loop" or args.no_memory_probes:  # `grouped_loop`: the same trainer as `grouped`
                     raw["paths"][path]["peak_mib"] = float("nan")
                     continue
                 alone = runner.run(run_memory_case, dataclasses.replace(case, paths=(path,)))
@@ -350,7 +351,7 @@ def head_ablation(point: Point, shape: str, threads: int = 1, rounds: int = 3) -
 
 
 def _median(rows: dict, path: str, key: str = "median_s"):
-    value = rows[path][key] if path in rows else float("nan")
+    value = rows[path].get(key, "") if path in rows else ""
     return float("nan") if value == "" else value
 
 
@@ -380,9 +381,9 @@ def write_table(by_point: dict, path: str, header: str) -> str:
         ours = rows.get("grouped", {})
         table_rows.append([
             point.prompt_len, point.completion_len, point.group_size,
-            f"{ours.get('flop_ratio_vs_trl', float('nan')):.2f}",
-            f"{ours.get('speedup_vs_trl', float('nan')):.2f}",
-            f"{ours.get('cpu_speedup_vs_trl', float('nan')):.2f}",
+            f"{_median(rows, 'grouped', 'flop_ratio_vs_trl'):.2f}",
+            f"{_median(rows, 'grouped', 'speedup_vs_trl'):.2f}",
+            f"{_median(rows, 'grouped', 'cpu_speedup_vs_trl'):.2f}",
             f"{_median(rows, 'grouped', 'memory_ratio_vs_trl'):.2f}",
             _seconds(rows, "trl"), _seconds(rows, "grouped"), _seconds(rows, "reference"),
             f"{_ratio(rows, 'reference', 'grouped'):.2f}", f"{_ratio(rows, 'grouped_loop', 'grouped'):.2f}",
@@ -403,8 +404,8 @@ def write_table(by_point: dict, path: str, header: str) -> str:
         loop_calls = rows.get("grouped_loop", {}).get("attention_calls_per_layer", "")
         table_rows.append([
             point.num_groups, point.prompt_len, point.completion_len, point.group_size,
-            f"{ours.get('flop_ratio_vs_trl', float('nan')):.2f}",
-            f"{ours.get('speedup_vs_trl', float('nan')):.2f}",
+            f"{_median(rows, 'grouped', 'flop_ratio_vs_trl'):.2f}",
+            f"{_median(rows, 'grouped', 'speedup_vs_trl'):.2f}",
             _seconds(rows, "trl"), _seconds(rows, "grouped"), _seconds(rows, "grouped_loop"),
             _seconds(rows, "reference"),
             f"{_ratio(rows, 'reference', 'grouped'):.2f}", f"{_ratio(rows, 'grouped_loop', 'grouped'):.2f}",
@@ -631,7 +632,7 @@ def load_run(csv_path: str, run_id: str | None = None) -> tuple[str, dict]:
             continue
         for key, value in row.items():
             with contextlib.suppress(TypeError, ValueError):
-                row[key] = float(value) if any(c in value for c in ".e") else int(value)
+                row[key] = float(value) if any(c in value for c in ".e") or value == "nan" else int(value)
         point = Point(row["prompt_len"], row["completion_len"], row["group_size"], row["num_groups"])
         by_point.setdefault(point, {})[row["path"]] = row
     return run_id, by_point
@@ -649,8 +650,15 @@ def parse_args(argv=None):
                         help="torch threads on CPU (default 1: robust to other load on the host, see README)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="timed rounds per point, the order of the paths rotating each round (a path whose step "
-                        "takes over 10 CPU-s: 2; over 60: 1)")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+                        "takes over 10 CPU-s: --slow-rounds; over 60: 1)")
+    parser.add_argument("--slow-rounds", type=int, default=2,
+                        help="timed rounds of a path whose warmup step took over 10 CPU-s (default 2)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="without trl, no ratio against GRPOTrainer: the points count only for the reference "
+                        "target, and the CSV's max_abs_logp_diff_vs_trl is against the first path")
+    parser.add_argument("--no-memory-probes", action="store_true",
+                        help="measure only the first path's memory (in the timing process); the others' peak_mib "
+                        "stays empty, which saves each point one step of every other path")
     parser.add_argument("--prompt-lens", type=int, nargs="*", default=list(GRID_PROMPT_LENS),
                         help="one-group grid: prompt lengths (none: no one-group grid)")
     parser.add_argument("--completion-lens", type=int, nargs="+", default=list(GRID_COMPLETION_LENS))
@@ -674,9 +682,8 @@ def parse_args(argv=None):
                         help="measure nothing: rewrite the table, plots and targets from a run in the CSV")
     args = parser.parse_args(argv)
     args.shape = args.shape or ("cpu-small" if args.device == "cpu" else "qwen2.5-1.5b")
-    if "trl" not in args.paths:
-        parser.error("--paths must include trl: every ratio is against it")
-    args.paths = ["trl"] + [p for p in args.paths if p != "trl"]
+    # GRPOTrainer first when it runs: the timing process measures its memory (see `common.run_point_case`).
+    args.paths = ["trl"] * ("trl" in args.paths) + [p for p in args.paths if p != "trl"]
     args.csv = os.path.join(args.out_dir, "logprob.csv" if args.device == "cpu" else "logprob_cuda.csv")
     return args
 

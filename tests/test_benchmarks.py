@@ -39,6 +39,15 @@ def test_three_paths_agree_and_are_timed(tiny_shape):
     assert alone["peak_mib"] >= 0 and len(alone["logps"]) == point.rows
 
 
+def test_slow_paths_run_their_own_rounds(tiny_shape):
+    """`--slow-rounds`: a path whose warmup took over `slow_step_s` CPU-s runs that many rounds, not `rounds`."""
+    point = common.Point(prompt_len=12, completion_len=5, group_size=3, num_groups=2)
+    case = common.PointCase(point, ("trl", "grouped"), tiny_shape, rounds=1, slow_rounds=3, slow_step_s=0.0)
+    raw = common.run_point_case(case)
+    assert [len(raw["paths"][path]["wall_s"]) for path in ("trl", "grouped")] == [3, 3]
+    assert bench_logprob.parse_args(["--slow-rounds", "3"]).slow_rounds == 3
+
+
 def test_reference_adapter_on_ragged_batch(tiny_shape, tmp_path):
     """Uneven prompts (left padding), uneven completions (right padding), shuffled groups: equal to GRPOTrainer."""
     from trl import GRPOTrainer
