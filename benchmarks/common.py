@@ -593,9 +593,10 @@ def model_flop_constants(shape: str) -> dict:
 
 
 def grouped_head_passes(positions: int, vocab: int, on_cpu: bool) -> int:
-    """LM-head GEMMs per scored position of the grouped path: on a CPU its own head keeps the forward's tile for the
-    backward when all positions fit one (3 passes, `head.KEEP_ELEMENTS`); otherwise, and with TRL's head, 4."""
-    return 3 if on_cpu and cpu_head.keeps_tile(positions, vocab) else 4
+    """LM-head GEMMs per scored position of the grouped path: on a CPU its own head keeps the forward's tiles for the
+    backward when all positions' log-probabilities fit `head.KEEP_ELEMENTS` (3 passes); otherwise, and with TRL's head,
+    4."""
+    return 3 if on_cpu and cpu_head.keeps_tiles(positions, vocab) else 4
 
 
 def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) -> dict[str, FlopCount]:

@@ -11,7 +11,7 @@ itself on a CPU. `ScoredLogProbFunction` computes the same quantities with full-
               logp_target = log_p[n, target[n]]
               entropy = -<exp(log_p), log_p>   one batched row-dot
     backward  recompute z; log_p = z - log_z (saved log_z, in place); p = exp(log_p)
-              (when all N tokens fit one tile of at most KEEP_ELEMENTS, log_p is kept from the forward instead)
+              (when all N x V log-probabilities fit KEEP_ELEMENTS, every tile's log_p is kept from the forward instead)
               dz = -p * (g_lp + g_ent * (log_p + entropy))  +  g_lp * onehot(target)
                                                one addcmul and one in-place mul, then an N-element scatter
               dh += dz @ W,  dW += dz.T @ h,  db += dz.sum(0)
@@ -30,20 +30,23 @@ import torch
 # Qwen2.5's 151936. The forward and the backward each hold two or three such buffers at a time.
 TILE_ELEMENTS = 2**24
 
-# When every token fits one tile of at most this many elements (and there is no softcap, whose backward needs its
-# tanh), the forward's log-probability tile is kept for the backward instead of recomputed: one (N, H) x (H, V)
-# product and a pass over the tile fewer, for one tile (at most 64 MiB) held from the forward to the backward, where it
-# stays as it is (a second backward through a retained graph reads it again). 0 turns it off.
-KEEP_ELEMENTS = 2**24
+# When the N x V log-probabilities of all scored positions take at most this many elements (2**28 fp32 values = 1 GiB,
+# e.g. 32768 positions of an 8192-token vocabulary or 1766 of Qwen2.5's 151936) and there is no softcap (whose
+# backward needs its tanh), the forward's log-probability tiles are kept for the backward instead of recomputed: one
+# (N, H) x (H, V) product and a pass over the logits fewer, a quarter of the head's GEMMs, for the tiles held from the
+# forward to the backward, where they stay as they are (a second backward through a retained graph reads them again).
+# The reference implementation holds its full logits and their log-softmax at every position of its grouped rows;
+# this holds one fp32 copy for the scored positions only. 0 turns it off.
+KEEP_ELEMENTS = 2**28
 
 
 def _tokens_per_tile(vocab: int) -> int:
     return max(1, TILE_ELEMENTS // max(vocab, 1))
 
 
-def keeps_tile(num_tokens: int, vocab: int, softcap: float | None = None) -> bool:
-    """Whether `ScoredLogProbFunction` keeps the forward's log-probability tile for the backward (`KEEP_ELEMENTS`)."""
-    return softcap is None and num_tokens <= _tokens_per_tile(vocab) and num_tokens * vocab <= KEEP_ELEMENTS
+def keeps_tiles(num_tokens: int, vocab: int, softcap: float | None = None) -> bool:
+    """Whether `ScoredLogProbFunction` keeps the forward's log-probability tiles for the backward (`KEEP_ELEMENTS`)."""
+    return softcap is None and num_tokens * vocab <= KEEP_ELEMENTS
 
 
 def _logits(hidden_tile, weight, bias, logit_scale: float, softcap: float | None, inv_t: float):
@@ -95,8 +98,8 @@ class ScoredLogProbFunction(torch.autograd.Function):
         log_z = hidden.new_empty(num_tokens, dtype=torch.float32)
         entropy = hidden.new_empty(num_tokens, dtype=torch.float32) if compute_entropy else None
         step = _tokens_per_tile(vocab)
-        keep = keeps_tile(num_tokens, vocab, softcap) and any(ctx.needs_input_grad[:3])
-        kept = None
+        keep = keeps_tiles(num_tokens, vocab, softcap) and any(ctx.needs_input_grad[:3])
+        kept = []
         for start in range(0, num_tokens, step):
             end = min(start + step, num_tokens)
             z, _ = _logits(hidden[start:end], weight, bias, logit_scale, softcap, inv_t)
@@ -107,14 +110,14 @@ class ScoredLogProbFunction(torch.autograd.Function):
                 p = torch.exp(log_p)
                 entropy[start:end] = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
             if keep:
-                kept = log_p
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, kept)
+                kept.append(log_p)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, *kept)
         ctx.settings = (inv_t, softcap, logit_scale, gather)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        hidden, weight, bias, targets, log_z, entropy, kept = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy, *kept = ctx.saved_tensors
         inv_t, softcap, logit_scale, gather = ctx.settings
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logprobs is None and grad_entropy is None:
@@ -131,11 +134,11 @@ class ScoredLogProbFunction(torch.autograd.Function):
             g_lp = grad_logprobs.float() * scale if grad_logprobs is not None else None
             g_ent = grad_entropy.float() * scale if grad_entropy is not None else None
             step = _tokens_per_tile(vocab)
-            for start in range(0, num_tokens, step):
+            for tile, start in enumerate(range(0, num_tokens, step)):
                 end = min(start + step, num_tokens)
                 hidden_tile = hidden[start:end]
-                if kept is not None:  # one tile, no softcap
-                    log_p, tanh = kept, None
+                if kept:  # no softcap
+                    log_p, tanh = kept[tile], None
                 else:
                     z, tanh = _logits(hidden_tile, weight, bias, logit_scale, softcap, inv_t)
                     log_p = z.sub_(log_z[start:end, None])
@@ -145,8 +148,8 @@ class ScoredLogProbFunction(torch.autograd.Function):
                     offset = -g_ent[start:end] * entropy[start:end]
                     if g_lp is not None:
                         offset -= g_lp[start:end]
-                    # Into log_p's own storage, unless it is the kept tile (a second backward may read it again).
-                    out = log_p if kept is None else None
+                    # Into log_p's own storage, unless it is a kept tile (a second backward may read it again).
+                    out = None if kept else log_p
                     coefficient = torch.addcmul(offset[:, None], log_p, -g_ent[start:end, None], out=out)
                     grad_z = p.mul_(coefficient)
                 else:

@@ -88,12 +88,14 @@ def test_flop_counts_by_hand():
     assert (counts["reference"].linear_tokens, counts["reference"].attention_pairs) == (11, 15 + 48)
     assert counts["reference"].head_positions == 11
     assert counts["trl"].flops == sum(counts["trl"].parts.values())
-    # Head GEMMs per position: TRL's fused head 4; ours on a CPU 3 while the scored positions fit one kept tile
-    # (`head.KEEP_ELEMENTS`), else 4; the reference's plain logits 3.
+    # Head GEMMs per position: TRL's fused head 4; ours on a CPU 3 while the scored positions' log-probabilities fit
+    # the tiles it keeps (`head.KEEP_ELEMENTS`), else 4; the reference's plain logits 3.
     assert (counts["trl"].head_passes, counts["grouped"].head_passes, counts["reference"].head_passes) == (4, 3, 3)
     on_cuda = common.flop_counts(common.Point(5, 3, 2), "cpu-small", fused_head_scores_all=False)
     assert on_cuda["grouped"].head_passes == 4
-    big = common.Point(prompt_len=16, completion_len=2048, group_size=2)  # 4096 positions x 8192 > 2**24
+    kept = common.Point(prompt_len=16, completion_len=2048, group_size=16)  # 32768 positions x 8192 = 2**28
+    assert common.flop_counts(kept, "cpu-small")["grouped"].head_passes == 3
+    big = common.Point(prompt_len=16, completion_len=2048, group_size=17)  # 34816 positions x 8192 > 2**28
     assert common.flop_counts(big, "cpu-small")["grouped"].head_passes == 4
 
 

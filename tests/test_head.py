@@ -91,17 +91,21 @@ def test_frozen_weight_and_no_grad():
     torch.testing.assert_close(again, logprobs.detach(), rtol=0, atol=0)
 
 
-def test_kept_tile_gives_the_recomputed_gradients_and_survives_a_retained_graph(monkeypatch):
-    """One tile: the backward reads the forward's log-probabilities instead of recomputing them; same numbers, and a
-    second backward through a retained graph (which reads the kept tile again) gives them again."""
+@pytest.mark.parametrize("tile_rows", [7, None], ids=["several_tiles", "one_tile"])
+def test_kept_tiles_give_the_recomputed_gradients_and_survive_a_retained_graph(tile_rows, monkeypatch):
+    """The backward reads the forward's log-probability tiles instead of recomputing them, one tile or several; same
+    numbers, and a second backward through a retained graph (which reads the kept tiles again) gives them again. Over
+    `KEEP_ELEMENTS` nothing is kept."""
     hidden, weight, bias, targets, grad_logprobs, grad_entropy = _inputs(30, 200, 8, True)
+    if tile_rows is not None:
+        monkeypatch.setattr(head_module, "TILE_ELEMENTS", tile_rows * 200)
 
     def grads(keep_elements, backwards=1):
         monkeypatch.setattr(head_module, "KEEP_ELEMENTS", keep_elements)
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         logprobs, entropy = scored_logprobs(*leaves, targets, 0.9)
         loss = (logprobs * grad_logprobs).sum() + (entropy * grad_entropy).sum()
-        kept = logprobs.grad_fn.saved_tensors[-1]
+        kept = logprobs.grad_fn.saved_tensors[6:]  # after hidden, weight, bias, targets, log_z, entropy
         for i in range(backwards):
             for leaf in leaves:
                 leaf.grad = None
@@ -109,10 +113,12 @@ def test_kept_tile_gives_the_recomputed_gradients_and_survives_a_retained_graph(
         return [leaf.grad for leaf in leaves], kept
 
     recomputed, kept = grads(0)
-    assert kept is None
-    once, kept = grads(2**24)
-    assert kept is not None and kept.shape == (30, 200)
-    twice, _ = grads(2**24, backwards=2)
+    assert kept == ()
+    _, kept = grads(30 * 200 - 1)  # one element over the budget
+    assert kept == ()
+    once, kept = grads(30 * 200)
+    assert [tile.shape for tile in kept] == [(rows, 200) for rows in ((7, 7, 7, 7, 2) if tile_rows else (30,))]
+    twice, _ = grads(30 * 200, backwards=2)
     for a, b, c in zip(recomputed, once, twice):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         torch.testing.assert_close(c, b, rtol=0, atol=0)
