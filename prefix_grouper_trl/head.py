@@ -30,14 +30,15 @@ import torch
 # Qwen2.5's 151936. The forward and the backward each hold two or three such buffers at a time.
 TILE_ELEMENTS = 2**24
 
-# When the N x V log-probabilities of all scored positions take at most this many elements (2**28 fp32 values = 1 GiB,
-# e.g. 32768 positions of an 8192-token vocabulary or 1766 of Qwen2.5's 151936) and there is no softcap (whose
-# backward needs its tanh), the forward's log-probability tiles are kept for the backward instead of recomputed: one
-# (N, H) x (H, V) product and a pass over the logits fewer, a quarter of the head's GEMMs, for the tiles held from the
-# forward to the backward, where they stay as they are (a second backward through a retained graph reads them again).
-# The reference implementation holds its full logits and their log-softmax at every position of its grouped rows;
-# this holds one fp32 copy for the scored positions only. 0 turns it off.
-KEEP_ELEMENTS = 2**28
+# When the N x V log-probabilities of all scored positions take at most this many elements (2**24 fp32 values = 64
+# MiB: 2048 positions of an 8192-token vocabulary, 110 of Qwen2.5's; with TILE_ELEMENTS as it is, one tile) and there
+# is no softcap (whose backward needs its tanh), the forward's log-probability tiles are kept for the backward instead
+# of recomputed: one (N, H) x (H, V) product and a pass over the logits fewer, for the tiles held from the forward to
+# the backward, where they stay as they are (a second backward through a retained graph reads them again). 0 turns it
+# off. A budget of 2**28 (several tiles) measured up to 9% faster log-prob steps at many groups, but made two hybrid
+# tests fail when the whole suite runs (tests/test_hybrid.py: the Mamba2 refusal and Qwen3.5's five seeded steps; both
+# pass alone): until that is understood the budget stays at one tile.
+KEEP_ELEMENTS = 2**24
 
 
 def _tokens_per_tile(vocab: int) -> int:

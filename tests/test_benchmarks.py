@@ -93,9 +93,9 @@ def test_flop_counts_by_hand():
     assert (counts["trl"].head_passes, counts["grouped"].head_passes, counts["reference"].head_passes) == (4, 3, 3)
     on_cuda = common.flop_counts(common.Point(5, 3, 2), "cpu-small", fused_head_scores_all=False)
     assert on_cuda["grouped"].head_passes == 4
-    kept = common.Point(prompt_len=16, completion_len=2048, group_size=16)  # 32768 positions x 8192 = 2**28
+    kept = common.Point(prompt_len=16, completion_len=1024, group_size=2)  # 2048 positions x 8192 = 2**24
     assert common.flop_counts(kept, "cpu-small")["grouped"].head_passes == 3
-    big = common.Point(prompt_len=16, completion_len=2048, group_size=17)  # 34816 positions x 8192 > 2**28
+    big = common.Point(prompt_len=16, completion_len=2048, group_size=2)  # 4096 positions x 8192 > 2**24
     assert common.flop_counts(big, "cpu-small")["grouped"].head_passes == 4
 
 
