@@ -20,6 +20,7 @@ import functools
 import itertools
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -104,8 +105,8 @@ def attention_calls_per_layer(point: Point, shape: str, loop: bool = False, thre
 
 def summarize(point: Point, raw: dict, args, env: dict, run_id: str, chunks: dict | None = None) -> list[dict]:
     """One CSV row per path, with ratios against the `trl` path of the same point."""
-    counts = flop_counts(point, args.shape, fused_head_scores_all=args.device == "cpu")
     chunks = chunks or {}
+    counts = flop_counts(point, args.shape, fused_head_scores_all=args.device == "cpu", chunks=chunks)
     paths = raw["paths"]
     trl = paths.get("trl")
     rows = []
@@ -159,7 +160,7 @@ def measure(points: list[Point], args, env: dict, run_id: str, runner: IsolatedR
     by_point = {}
     for index, point in enumerate(points, 1):
         start = time.perf_counter()
-        chunks = plan_chunks(point, args.paths, args.memory_budget_gib) if args.device == "cpu" else ()
+        chunks = plan_chunks(point, args.paths, args.memory_budget_gib, args.shape) if args.device == "cpu" else ()
         case = PointCase(point, tuple(args.paths), args.shape, args.device, args.threads, args.rounds,
                          slow_rounds=args.slow_rounds, chunks=chunks)
         try:
@@ -735,13 +736,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def package_code_note(commits: list[str]) -> str:
+    """Whether the package measured is the same at every commit of a run (a run can be added to later, `--run-id`):
+    `prefix_grouper_trl/` compared with git between the commits (one with uncommitted changes counts as different)."""
+    if len(commits) < 2:
+        return ""
+    if any("+dirty" in commit for commit in commits):
+        return " (package code: some rows measured uncommitted changes)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = commits[0]
+    try:
+        codes = {commit: subprocess.run(["git", "diff", "--quiet", first, commit, "--", "prefix_grouper_trl"],
+                                        cwd=root, capture_output=True).returncode for commit in commits[1:]}
+    except OSError:
+        codes = {}
+    if not codes or any(code not in (0, 1) for code in codes.values()):
+        return " (package code: these commits could not be compared here)"
+    differs = [commit for commit, code in codes.items() if code == 1]
+    if differs:
+        return f" (package code differs between {first} and {', '.join(differs)})"
+    return " (the same package code at all of them: they differ outside prefix_grouper_trl/)"
+
+
 def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None,
            head_check: dict | None = None) -> None:
     suffix = "" if args.device == "cpu" else "_cuda"
     commits = sorted({row["commit"] for rows in by_point.values() for row in rows.values() if "commit" in row})
     header = (
         f"Log-prob forward+backward, {args.device}, model `{args.shape}`, {args.threads} thread(s); run {run_id}; "
-        f"{env['machine']}; commit {', '.join(commits) or env['commit']}; "
+        f"{env['machine']}; commit {', '.join(commits) or env['commit']}{package_code_note(commits)}; "
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}. "
         f"Speedup and memory are GRPOTrainer's / ours; 'ours vs ref' is the reference's time / ours."
     )

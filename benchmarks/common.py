@@ -504,12 +504,14 @@ def tokens_fed(path: str, point: Point) -> int:
     return point.num_groups * (prefix + point.group_size * point.completion_len)
 
 
-def plan_chunks(point: Point, paths, budget_gib: float) -> tuple:
+def plan_chunks(point: Point, paths, budget_gib: float, shape: str = "cpu-small") -> tuple:
     """
-    `(path, chunks)` for the paths whose step would not fit in `budget_gib` (`PEAK_MEMORY_MODEL`): the fewest chunks
-    of whole groups that divide the micro-batch evenly and fit, each path for itself. A chunk runs the same per-group
-    work in a smaller micro-batch, which is what a user of that path would do on this host.
+    `(path, chunks)` for the paths whose step would not fit in `budget_gib` (`PEAK_MEMORY_MODEL`, plus the
+    log-probability tiles our CPU head keeps for the backward, `head.KEEP_ELEMENTS`): the fewest chunks of whole groups
+    that divide the micro-batch evenly and fit, each path for itself. A chunk runs the same per-group work in a smaller
+    micro-batch, which is what a user of that path would do on this host.
     """
+    vocab = MODEL_SHAPES[shape]["vocab_size"]
     chunks = {}
     for path in paths:
         if path not in PEAK_MEMORY_MODEL:
@@ -517,6 +519,9 @@ def plan_chunks(point: Point, paths, budget_gib: float) -> tuple:
         fixed, kib_per_token = PEAK_MEMORY_MODEL[path]
         for count in range(1, point.num_groups + 1):
             peak_gib = fixed + tokens_fed(path, point) / count * kib_per_token / 2**20
+            positions = point.rows * point.completion_len // count
+            if path in ("grouped", "grouped_loop") and cpu_head.keeps_tiles(positions, vocab):
+                peak_gib += positions * vocab * 4 / 2**30
             if point.num_groups % count == 0 and peak_gib <= budget_gib:
                 break
         if count > 1:
@@ -599,7 +604,8 @@ def grouped_head_passes(positions: int, vocab: int, on_cpu: bool) -> int:
     return 3 if on_cpu and cpu_head.keeps_tiles(positions, vocab) else 4
 
 
-def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) -> dict[str, FlopCount]:
+def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True,
+                chunks: dict | None = None) -> dict[str, FlopCount]:
     """
     FLOPs of one log-prob forward+backward for each path, counting what each actually feeds (see benchmarks/README.md):
 
@@ -608,14 +614,16 @@ def flop_counts(point: Point, shape: str, fused_head_scores_all: bool = True) ->
               + 2 * head_passes * vocab * hidden * head_positions
 
     `fused_head_scores_all`: TRL's fused head scores every input position when Triton is unavailable (CPU) and only
-    the positions with a label on CUDA; it also stands for "on a CPU" in `grouped_head_passes`.
+    the positions with a label on CUDA; it also stands for "on a CPU" in `grouped_head_passes`. `chunks`: path ->
+    chunks the step runs in (`plan_chunks`); our head keeps its tiles or not per chunk.
     """
     if "layer_types" in MODEL_SHAPES[shape]:
         return hybrid_flop_counts(point, shape, fused_head_scores_all)
     P, C, G, groups = point.prompt_len, point.completion_len, point.group_size, point.num_groups
     rows = G * groups
     width = P + C
-    our_head_passes = grouped_head_passes(rows * C, MODEL_SHAPES[shape]["vocab_size"], fused_head_scores_all)
+    our_head_passes = grouped_head_passes(rows * C // (chunks or {}).get("grouped", 1),
+                                          MODEL_SHAPES[shape]["vocab_size"], fused_head_scores_all)
     counts = {
         # B rows of padded width L; no padding here, so SDPA runs is_causal: L(L+1)/2 pairs per row.
         "trl": FlopCount(

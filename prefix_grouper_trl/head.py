@@ -30,14 +30,13 @@ import torch
 # Qwen2.5's 151936. The forward and the backward each hold two or three such buffers at a time.
 TILE_ELEMENTS = 2**24
 
-# When the N x V log-probabilities of all scored positions take at most this many elements (2**24 fp32 values = 64
-# MiB: 2048 positions of an 8192-token vocabulary, 110 of Qwen2.5's; with TILE_ELEMENTS as it is, one tile) and there
-# is no softcap (whose backward needs its tanh), the forward's log-probability tiles are kept for the backward instead
-# of recomputed: one (N, H) x (H, V) product and a pass over the logits fewer, for the tiles held from the forward to
-# the backward, where they stay as they are (a second backward through a retained graph reads them again). 0 turns it
-# off. A budget of 2**28 (several tiles) measured up to 9% faster log-prob steps at many groups; it stays at one tile
-# until the whole suite and the benchmark grid have run with it.
-KEEP_ELEMENTS = 2**24
+# When the N x V log-probabilities of all scored positions take at most this many elements (2**28 fp32 values = 1
+# GiB: 32768 positions of an 8192-token vocabulary, 1766 of Qwen2.5's; several tiles) and there is no softcap (whose
+# backward needs its tanh), the forward's log-probability tiles are kept for the backward instead of recomputed: one
+# (N, H) x (H, V) product and a pass over the logits fewer, for up to 1 GiB held from the forward to the backward,
+# where the tiles stay as they are (a second backward through a retained graph reads them again). 0 turns it off.
+# Measured 9% faster log-prob steps at 16 groups of P=128 C=128 G=4 than recomputing (benchmarks/README.md).
+KEEP_ELEMENTS = 2**28
 
 
 def _tokens_per_tile(vocab: int) -> int:

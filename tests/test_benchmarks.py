@@ -4,6 +4,8 @@ the three log-prob paths agree, the reference adapter masks ragged batches right
 README says, the dense-mask check and the report writers run.
 """
 
+import os
+import subprocess
 
 import pytest
 import torch
@@ -93,10 +95,12 @@ def test_flop_counts_by_hand():
     assert (counts["trl"].head_passes, counts["grouped"].head_passes, counts["reference"].head_passes) == (4, 3, 3)
     on_cuda = common.flop_counts(common.Point(5, 3, 2), "cpu-small", fused_head_scores_all=False)
     assert on_cuda["grouped"].head_passes == 4
-    kept = common.Point(prompt_len=16, completion_len=1024, group_size=2)  # 2048 positions x 8192 = 2**24
+    kept = common.Point(prompt_len=16, completion_len=1024, group_size=32)  # 32768 positions x 8192 = 2**28
     assert common.flop_counts(kept, "cpu-small")["grouped"].head_passes == 3
-    big = common.Point(prompt_len=16, completion_len=2048, group_size=2)  # 4096 positions x 8192 > 2**24
+    big = common.Point(prompt_len=16, completion_len=1024, group_size=34)  # 34816 positions x 8192 > 2**28
     assert common.flop_counts(big, "cpu-small")["grouped"].head_passes == 4
+    # In two chunks each step scores 17408 positions, which it keeps.
+    assert common.flop_counts(big, "cpu-small", chunks={"grouped": 2})["grouped"].head_passes == 3
 
 
 def test_flop_counts_follow_the_attention_plan():
@@ -110,12 +114,17 @@ def test_flop_counts_follow_the_attention_plan():
     assert bench_logprob.attention_calls_per_layer(point, "cpu-small", loop=True) == 64
 
 
-def test_chunks_fit_the_memory_budget(tiny_shape):
+def test_chunks_fit_the_memory_budget(tiny_shape, monkeypatch):
     big = common.Point(prompt_len=512, completion_len=128, group_size=8, num_groups=64)
     chunks = dict(common.plan_chunks(big, common.PATHS, budget_gib=12))
     # GRPOTrainer feeds 327680 tokens (~36 GiB by the model), ours 98240 (~16.4), the reference 98304 (~30.5).
     assert chunks == {"trl": 4, "grouped": 2, "grouped_loop": 2, "reference": 4}
     assert common.plan_chunks(common.Point(512, 64, 2), common.PATHS, budget_gib=12) == ()
+    # At 9 GiB ours would fit in two chunks (8.5 GiB) but for the 1 GiB of log-probabilities its head keeps.
+    assert dict(common.plan_chunks(big, ("grouped",), budget_gib=9)) == {"grouped": 4}
+    monkeypatch.setattr(common.cpu_head, "KEEP_ELEMENTS", 0)
+    assert dict(common.plan_chunks(big, ("grouped",), budget_gib=9)) == {"grouped": 2}
+    monkeypatch.undo()
     # A chunked step: same log-probs as the whole micro-batch.
     point = common.Point(prompt_len=12, completion_len=5, group_size=3, num_groups=4)
     case = common.PointCase(point, ("trl", "grouped"), tiny_shape, rounds=1, chunks=(("trl", 2), ("grouped", 4)))
@@ -241,3 +250,14 @@ def test_hybrid_benchmark_and_its_flop_model(tmp_path):
         assert "P=40 C=6 G=3" in written and "peak memory" in written and len(lines) == 2
     finally:
         del common.MODEL_SHAPES["test-hybrid"]
+
+
+def test_report_says_whether_a_runs_commits_measured_the_same_package():
+    """A run added to later (`--run-id`) has rows of several commits; the report compares their package code."""
+    assert bench_logprob.package_code_note(["abc1234"]) == ""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    if head:
+        assert "the same package code" in bench_logprob.package_code_note([head, "HEAD"])
+    assert "could not be compared" in bench_logprob.package_code_note(["HEAD", "0" * 40])
+    assert "uncommitted" in bench_logprob.package_code_note(["HEAD", "HEAD+dirty.1234"])
