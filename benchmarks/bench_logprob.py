@@ -410,7 +410,7 @@ def write_table(by_point: dict, path: str, header: str) -> str:
             _seconds(rows, "trl"), _seconds(rows, "grouped"), _seconds(rows, "grouped_loop"),
             _seconds(rows, "reference"),
             f"{_ratio(rows, 'reference', 'grouped'):.2f}", f"{_ratio(rows, 'grouped_loop', 'grouped'):.2f}",
-            f"{ours.get('attention_calls_per_layer', '')} ({loop_calls})",
+            f"{ours.get('attention_calls_per_layer', '')}" + (f" ({loop_calls})" if loop_calls != "" else ""),
             f"{_median(rows, 'grouped', 'peak_mib'):.0f}", f"{_median(rows, 'reference', 'peak_mib'):.0f}",
         ])
     if table_rows:
@@ -430,6 +430,8 @@ def write_plots(by_point: dict, out_dir: str, title: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     single = {p: r for p, r in by_point.items() if p.num_groups == 1 and {"trl", "grouped"} <= r.keys()}
+    if not single:  # a run (so far) of multi-group points only: the plots are of the one-group grid
+        return []
     # A panel per completion length that has a curve (the lone target points are in the table, not plotted).
     prompt_lens_of: dict = {}
     for p in single:
@@ -772,7 +774,7 @@ def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check,
     table = write_table(by_point, table_path, header)
     plots = write_plots(by_point, args.out_dir, f"{args.shape}, {args.device}, run {run_id}; {env['machine']}")
     print("\n" + table)
-    print("plots: " + ", ".join(plots))
+    print("plots: " + (", ".join(plots) or "none (the run has no one-group points)"))
     print(f"CSV: {args.csv}")
 
     previous = None

@@ -157,6 +157,7 @@ def test_mask_check_and_reports(tiny_shape, tmp_path):
     assert table.count("\n| 2048 | 128 | 8 |") == 1
     assert "\n| 16 | 128 | 32 | 4 |" in table and "1.00 (2 ch.)" in table and "| 4 (32) |" in table
     assert len(bench_logprob.write_plots(by_point, str(tmp_path), "title")) == 3
+    assert bench_logprob.write_plots({many: by_point[many]}, str(tmp_path), "title") == []  # multi-group only
     head = bench_logprob.head_ablation(point, tiny_shape, rounds=1)
     assert set(head) == {"trl", "grouped_trl_head", "grouped"} and min(head.values()) > 0
     previous = {common.Point(512, 64, 2): rows(3.0)}
