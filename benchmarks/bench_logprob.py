@@ -20,7 +20,6 @@ import functools
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,7 @@ from .common import (
     environment,
     flop_counts,
     markdown_table,
+    package_code_note,
     plan_chunks,
     run_memory_case,
     run_point_case,
@@ -736,28 +736,6 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     report(by_point, args, env, run_id, mask_check, loop_check, elapsed, head_check)
     return 0
-
-
-def package_code_note(commits: list[str]) -> str:
-    """Whether the package measured is the same at every commit of a run (a run can be added to later, `--run-id`):
-    `prefix_grouper_trl/` compared with git between the commits (one with uncommitted changes counts as different)."""
-    if len(commits) < 2:
-        return ""
-    if any("+dirty" in commit for commit in commits):
-        return " (package code: some rows measured uncommitted changes)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    first = commits[0]
-    try:
-        codes = {commit: subprocess.run(["git", "diff", "--quiet", first, commit, "--", "prefix_grouper_trl"],
-                                        cwd=root, capture_output=True).returncode for commit in commits[1:]}
-    except OSError:
-        codes = {}
-    if not codes or any(code not in (0, 1) for code in codes.values()):
-        return " (package code: these commits could not be compared here)"
-    differs = [commit for commit, code in codes.items() if code == 1]
-    if differs:
-        return f" (package code differs between {first} and {', '.join(differs)})"
-    return " (the same package code at all of them: they differ outside prefix_grouper_trl/)"
 
 
 def report(by_point: dict, args, env: dict, run_id: str, mask_check, loop_check, elapsed: float | None,

@@ -520,8 +520,8 @@ def plan_chunks(point: Point, paths, budget_gib: float, shape: str = "cpu-small"
         for count in range(1, point.num_groups + 1):
             peak_gib = fixed + tokens_fed(path, point) / count * kib_per_token / 2**20
             positions = point.rows * point.completion_len // count
-            if path in ("grouped", "grouped_loop") and cpu_head.keeps_tiles(positions, vocab):
-                peak_gib += positions * vocab * 4 / 2**30
+            if path in ("grouped", "grouped_loop") and grouped_head_passes(positions, vocab, on_cpu=True) == 3:
+                peak_gib += positions * vocab * 4 / 2**30  # the log-probabilities kept for the backward
             if point.num_groups % count == 0 and peak_gib <= budget_gib:
                 break
         if count > 1:
@@ -735,23 +735,45 @@ def hybrid_flop_counts(point: Point, shape: str, fused_head_scores_all: bool = T
 # Result files
 
 
+def _git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`git *args` in this checkout (raises OSError without git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=check)
+
+
 def _git_commit() -> str:
     """
     The code measured: HEAD of the checkout, plus `+dirty.<hash of the diff>` when prefix_grouper_trl/ has
     uncommitted changes. Outside a git checkout (e.g. a `git archive` snapshot), the BENCH_COMMIT environment
     variable, else "unknown".
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
     try:
-        head = git("rev-parse", "--short", "HEAD").strip()
-        diff = git("diff", "HEAD", "--", "prefix_grouper_trl")
+        head = _git("rev-parse", "--short", "HEAD").stdout.strip()
+        diff = _git("diff", "HEAD", "--", "prefix_grouper_trl").stdout
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("BENCH_COMMIT", "unknown")
     return head + (f"+dirty.{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else "")
+
+
+def package_code_note(commits: list[str]) -> str:
+    """Whether the package measured is the same at every commit of a run (a run can be added to later, `--run-id`):
+    `prefix_grouper_trl/` compared with git between the commits (one with uncommitted changes counts as different)."""
+    if len(commits) < 2:
+        return ""
+    if any("+dirty" in commit for commit in commits):
+        return " (package code: some rows measured uncommitted changes)"
+    first = commits[0]
+    try:
+        codes = {commit: _git("diff", "--quiet", first, commit, "--", "prefix_grouper_trl", check=False).returncode
+                 for commit in commits[1:]}
+    except OSError:
+        codes = {}
+    if not codes or any(code not in (0, 1) for code in codes.values()):
+        return " (package code: these commits could not be compared here)"
+    differs = [commit for commit, code in codes.items() if code == 1]
+    if differs:
+        return f" (package code differs between {first} and {', '.join(differs)})"
+    return " (the same package code at all of them: they differ outside prefix_grouper_trl/)"
 
 
 def environment() -> dict:
