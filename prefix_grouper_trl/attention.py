@@ -3,8 +3,9 @@ The split attention over a packed row (see `layout.py` for the row and the mask 
 
 Every block below is computed by the model's own attention function (`sdpa` or `eager`), which keeps its scaling,
 GQA handling, softcapping (eager) and dtype rules, so the result equals the repeated forward up to floating-point
-rounding. No mask over the whole packed row is ever built: masks and index maps are built once per layout and shared
-by all layers.
+rounding. (For `sdpa` on a CPU, the masked calls pass grouped KV heads to torch's SDPA as they are instead of
+repeating them per query head: `sdpa_sharing_kv_heads`.) No mask over the whole packed row is ever built: masks and
+index maps are built once per layout and shared by all layers.
 
 **Per group** (the loop; always taken for a single group), two calls on slices of the row:
 
@@ -193,6 +194,38 @@ def _batched_suffix_attention(
     return out.flatten(0, 1).index_select(0, batched.valid).unsqueeze(0)
 
 
+def sdpa_sharing_kv_heads(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """
+    transformers' `sdpa_attention_forward` for the split attention's masked CPU calls, with grouped KV heads kept.
+
+    With a mask, transformers repeats keys and values per query head before torch's SDPA (`repeat_kv`), as CUDA's
+    fused kernels take no mask with grouped heads; the CPU kernel does (`enable_gqa=True`, the same kernel and the
+    same sums), so the masked calls here skip the copy, its backward's reduction and the zero-filled gradients of the
+    repeated keys and values. The suffix calls are masked and their keys include the prefix once per suffix, so that
+    copy is the largest of the CPU path. Anything else (no mask, no grouped heads, another device, softcap, a position
+    bias, attention weights asked for) goes to transformers' function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        attention_mask is None
+        or groups <= 1
+        or query.device.type != "cpu"
+        or query.size(1) != key.size(1) * groups
+        or kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("output_attentions", False)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Cost model and buckets (see the module docstring).
 
@@ -209,9 +242,10 @@ def _batched_suffix_attention(
 CALL_OVERHEAD_PAIRS = 3000
 GATHER_PAIRS_PER_TOKEN = 16
 CALL_OVERHEAD_WIDTH = 256
-# The largest call that takes several groups, in key elements (keys x heads x head_dim): beyond it the keys and values
-# (repeated per query head when the call has a mask) and their gradients leave the CPU's caches, and the copies and
-# zero-fills around the kernel cost more than the calls saved. A single group is never split. 0 means the per-group
+# The largest call that takes several groups, in key elements (keys x query heads x head_dim): beyond it the keys and
+# values (repeated per query head in a masked call when this was measured, before `sdpa_sharing_kv_heads`; still so
+# with eager) and their gradients leave the CPU's caches, and the copies and zero-fills around the kernel cost more
+# than the calls saved. A single group is never split. 0 means the per-group
 # loop everywhere.
 MAX_CALL_KEY_ELEMENTS = 2**20
 

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from .attention import split_attention, split_attention_flex, split_attention_varlen
+from .attention import sdpa_sharing_kv_heads, split_attention, split_attention_flex, split_attention_varlen
 from .layout import LAYOUT_KWARG
 from .mixers import enable_mixers
 
@@ -109,6 +109,8 @@ def _dispatch(base: str, module, query, key, value, attention_mask, **kwargs):
         varlen = None
     if varlen is not None:
         return split_attention_varlen(varlen, query, key, value, layout, scaling=kwargs.get("scaling"))
+    if base == "sdpa":
+        base_fn = sdpa_sharing_kv_heads
     return split_attention(base_fn, base == "eager", module, query, key, value, layout, **kwargs)
 
 

@@ -12,7 +12,7 @@ from test_equivalence import LAYOUT_CASES, layout_batch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
-from prefix_grouper_trl.attention import split_attention, split_attention_varlen
+from prefix_grouper_trl.attention import sdpa_sharing_kv_heads, split_attention, split_attention_varlen
 from prefix_grouper_trl.layout import build_group_layout
 
 
@@ -46,6 +46,15 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return torch.cat([o.transpose(0, 1) for o in outputs])
 
 
+# The CPU split attention's base functions: transformers' own, and sdpa with grouped KV heads kept in masked calls
+# (what `integration` runs for sdpa on a CPU). `(base, needs_explicit_causal_mask)`.
+BASES = {
+    "sdpa": (sdpa_attention_forward, False),
+    "sdpa_shared_kv": (sdpa_sharing_kv_heads, False),
+    "eager": (eager_attention_forward, True),
+}
+
+
 @pytest.fixture(scope="module")
 def attention_module():
     return tiny_model("qwen2", dtype=torch.float64).model.layers[0].self_attn
@@ -60,14 +69,14 @@ def run_path(path, attention_module, layout, q, k, v):
     elif path == "varlen":
         out, _ = split_attention_varlen(reference_varlen, q, k, v, layout, scaling=scale)
     else:
-        base, eager = (eager_attention_forward, True) if path == "eager" else (sdpa_attention_forward, False)
+        base, eager = BASES[path]
         out, _ = split_attention(base, eager, attention_module, q, k, v, layout, scaling=scale, dropout=0.0)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     (out * weights).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("path", ["sdpa", "eager", "varlen"])
+@pytest.mark.parametrize("path", ["sdpa", "sdpa_shared_kv", "eager", "varlen"])
 @pytest.mark.parametrize("case", list(LAYOUT_CASES))
 def test_split_attention_matches_dense_reference(attention_module, path, case):
     layout = build_group_layout(*layout_batch(case))
@@ -192,7 +201,7 @@ def test_bucketed_plan_index_maps():
     assert plan.inverse.tolist() == [0, 1, 4, 5, 7, 2, 10, 11, 12]
 
 
-@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["sdpa", "sdpa_shared_kv", "eager"])
 @pytest.mark.parametrize("max_call_keys", [None, 300], ids=["cost_model", "capped"])
 def test_buckets_match_dense_reference(monkeypatch, attention_module, path, max_call_keys):
     """
@@ -217,7 +226,7 @@ def test_buckets_match_dense_reference(monkeypatch, attention_module, path, max_
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=lambda m: f"{path} {name}: {m}")
 
 
-@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["sdpa", "sdpa_shared_kv", "eager"])
 @pytest.mark.parametrize("case", ["one_group", "bucket_boundaries"], ids=["loop", "buckets"])
 def test_nan_reaches_the_queries_that_see_it_and_no_other_suffix(attention_module, path, case):
     """
@@ -242,7 +251,7 @@ def test_nan_reaches_the_queries_that_see_it_and_no_other_suffix(attention_modul
     for position in range(layout.packed_tokens):
         k_nan, v_nan = k.clone(), v.clone()
         k_nan[:, :, position], v_nan[:, :, position] = float("nan"), float("nan")
-        base, eager = (eager_attention_forward, True) if path == "eager" else (sdpa_attention_forward, False)
+        base, eager = BASES[path]
         out, _ = split_attention(base, eager, attention_module, q, k_nan, v_nan, layout,
                                  scaling=attention_module.scaling, dropout=0.0)
         nan_rows = out[0].isnan().any(dim=(1, 2))
@@ -250,3 +259,27 @@ def test_nan_reaches_the_queries_that_see_it_and_no_other_suffix(attention_modul
         assert nan_rows[visible[:, position]].all(), f"{path}/{case}: a NaN at key {position} is hidden"
         leaked = nan_rows & ~visible[:, position] & ~same_segment
         assert not leaked.any(), f"{path}/{case}: NaN at {position} leaked to {leaked.nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "no_mask"])
+def test_sdpa_sharing_kv_heads_equals_transformers_sdpa(attention_module, masked):
+    """
+    A masked call with grouped KV heads goes to torch's SDPA with `enable_gqa` (no repeated keys and values); any other
+    call to transformers' function itself. Outputs, the `(b, t, H, D)` layout and the input gradients are the same.
+    """
+    assert attention_module.num_key_value_groups == 2
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 5, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 9, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(3, 1, 5, 9, generator=generator) < 0.7 if masked else None
+    if masked:
+        mask[..., 0] = True  # every query row sees a key
+    results = []
+    for base in (sdpa_attention_forward, sdpa_sharing_kv_heads):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, weights = base(attention_module, *inputs, mask, dropout=0.0, scaling=0.3, is_causal=not masked)
+        assert weights is None and out.shape == (3, 5, 4, 8) and out.is_contiguous()
+        out.mul(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos()).sum().backward()
+        results.append([out.detach()] + [x.grad for x in inputs])
+    for name, a, b in zip(("output", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
