@@ -9,7 +9,7 @@ to see where the attention time goes and what a change would buy (seconds per ru
 
 Variants (all on the same random q/k/v of the packed row, (1, H, T, D) / (1, H_kv, T, D)):
 
-    shipped      prefix_grouper_trl.attention.split_attention with transformers' sdpa, as the trainer runs it (groups
+    shipped      prefix_grouper_trl.attention.split_attention with sdpa, as the trainer runs it on a CPU (groups
                  bucketed into shared calls where its cost model says so, else the per-group loop)
     loop         the per-group loop forced: per group, the prefix call and the suffixes batched per suffix
     rectangle    the per-group loop, every group's suffixes as one S x (P-1+S) block-mask call
@@ -32,7 +32,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from prefix_grouper_trl import attention as pg_attention
 from prefix_grouper_trl.layout import build_group_layout
@@ -162,7 +161,7 @@ def _split_step(module, batch, inputs, grad, loop: bool = False, batched_suffixe
         for tensor in inputs:
             tensor.grad = None
         out, _ = pg_attention.split_attention(
-            sdpa_attention_forward, False, module, *inputs, layout, scaling=module.scaling, dropout=0.0
+            pg_attention.sdpa_sharing_kv_heads, False, module, *inputs, layout, scaling=module.scaling, dropout=0.0
         )
         out.backward(grad)
         return out.detach(), [tensor.grad.clone() for tensor in inputs]

@@ -243,9 +243,7 @@ def attention_loop_overhead(point: Point, shape: str, reps: int = 7) -> dict:
     mask, t = tokens per group (possible here because every group has the same shape). Timed interleaved; the
     loop's excess over the shipped calls, per group, is the per-group overhead the shared calls remove.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from prefix_grouper_trl.attention import split_attention, suffix_block_mask
+    from prefix_grouper_trl.attention import sdpa_sharing_kv_heads, split_attention, suffix_block_mask
     from prefix_grouper_trl.layout import build_group_layout
 
     from .bench_attention import _calls_of
@@ -277,15 +275,15 @@ def attention_loop_overhead(point: Point, shape: str, reps: int = 7) -> dict:
 
     def split(step_layout):
         def run():
-            out, _ = split_attention(sdpa_attention_forward, False, module, query, key, value, step_layout,
+            out, _ = split_attention(sdpa_sharing_kv_heads, False, module, query, key, value, step_layout,
                                      scaling=module.scaling, dropout=0.0)
             out.backward(grad)
 
         return run
 
     def batched():
-        out, _ = sdpa_attention_forward(module, by_group(query), by_group(key), by_group(value),
-                                        group_mask[None, None], is_causal=False, scaling=module.scaling, dropout=0.0)
+        out, _ = sdpa_sharing_kv_heads(module, by_group(query), by_group(key), by_group(value),
+                                       group_mask[None, None], is_causal=False, scaling=module.scaling, dropout=0.0)
         out.reshape(1, packed, heads, head_dim).backward(grad)
 
     loop_layout, shipped_layout = build_group_layout(*batch), build_group_layout(*batch)

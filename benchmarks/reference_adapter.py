@@ -16,7 +16,10 @@ no flash-attn on a CPU, so `sdpa_from_padding_mask` below is the missing piece: 
 boolean 4-D mask that flash-attn's unpadding + bottom-right causality imply and calls transformers' own
 `sdpa_attention_forward`. Padded query rows (whose outputs the reference's `group()` drops) are opened to every key so
 that they stay finite. When a call has no padding and square q/k, it uses `is_causal=True` and no mask, as flash-attn
-would, so the adapter adds no work the reference would not do.
+would; a masked call keeps grouped KV heads as they are (`enable_gqa`, through the library's own
+`attention.sdpa_sharing_kv_heads`), as flash-attn does, instead of the copy per query head that transformers makes
+before a masked SDPA call. So the adapter adds no work the reference would not do, and its calls run the same
+kernels as ours.
 
 The data flow around the model follows the reference's README ("Best Practices", version >= 0.0.1rc2):
 `PrefixGrouper.from_ungrouped_masks` -> `concat_input` -> `model(..., prefix_grouper=...)` returning full logits ->
@@ -29,6 +32,8 @@ from prefix_grouper import PrefixGrouper
 from prefix_grouper.utils.register_transformers import register_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from prefix_grouper_trl.attention import sdpa_sharing_kv_heads
 
 REFERENCE_ATTENTION = "prefix_grouper_attention"
 SDPA_ADAPTER = "prefix_grouper_bench_sdpa_adapter"
@@ -54,7 +59,7 @@ def sdpa_from_padding_mask(module, query, key, value, attention_mask, **kwargs):
     allowed = causal[None] & key_valid[:, None, :]
     query_valid = key_valid[:, offset:]
     allowed = allowed | ~query_valid[:, :, None]
-    return sdpa_attention_forward(module, query, key, value, allowed[:, None], is_causal=False, **kwargs)
+    return sdpa_sharing_kv_heads(module, query, key, value, allowed[:, None], **kwargs)
 
 
 def register_reference_attention() -> None:
