@@ -261,23 +261,25 @@ def test_nan_reaches_the_queries_that_see_it_and_no_other_suffix(attention_modul
         assert not leaked.any(), f"{path}/{case}: NaN at {position} leaked to {leaked.nonzero().flatten().tolist()}"
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["masked", "no_mask"])
-def test_sdpa_sharing_kv_heads_equals_transformers_sdpa(attention_module, masked):
+@pytest.mark.parametrize("position_bias", [False, True], ids=["masked", "masked_with_position_bias"])
+def test_sdpa_sharing_kv_heads_equals_transformers_sdpa(attention_module, position_bias):
     """
-    A masked call with grouped KV heads goes to torch's SDPA with `enable_gqa` (no repeated keys and values); any other
-    call to transformers' function itself. Outputs, the `(b, t, H, D)` layout and the input gradients are the same.
+    A masked call with grouped KV heads goes to torch's SDPA with `enable_gqa` (no repeated keys and values); a call
+    it does not cover (here a position bias, which its own branch would drop) goes to transformers' function.
+    Outputs, the `(b, t, H, D)` layout and the input gradients are the same as transformers'.
     """
     assert attention_module.num_key_value_groups == 2
     generator = torch.Generator().manual_seed(4)
     q = torch.randn(3, 4, 5, 8, generator=generator, dtype=torch.float64)
     k, v = (torch.randn(3, 2, 9, 8, generator=generator, dtype=torch.float64) for _ in range(2))
-    mask = torch.rand(3, 1, 5, 9, generator=generator) < 0.7 if masked else None
-    if masked:
-        mask[..., 0] = True  # every query row sees a key
+    mask = torch.rand(3, 1, 5, 9, generator=generator) < 0.7
+    mask[..., 0] = True  # every query row sees a key
+    bias = torch.randn(3, 4, 5, 9, generator=generator, dtype=torch.float64)
+    extra = {"position_bias": bias} if position_bias else {}
     results = []
     for base in (sdpa_attention_forward, sdpa_sharing_kv_heads):
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, weights = base(attention_module, *inputs, mask, dropout=0.0, scaling=0.3, is_causal=not masked)
+        out, weights = base(attention_module, *inputs, mask, dropout=0.0, scaling=0.3, is_causal=False, **extra)
         assert weights is None and out.shape == (3, 5, 4, 8) and out.is_contiguous()
         out.mul(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos()).sum().backward()
         results.append([out.detach()] + [x.grad for x in inputs])
