@@ -140,3 +140,43 @@ def test_routing_only_inside_our_forward_and_only_where_it_applies():
     trl_double = ChunkedLogProbFunction.apply(hidden.double(), weight.double(), None, *args, ("log_probs",))
     routed_double = _CpuLogProbHead.apply(hidden.double(), weight.double(), None, *args, ("log_probs",))
     torch.testing.assert_close(routed_double[0], trl_double[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["tile_kept", "tile_recomputed"])
+@pytest.mark.parametrize("case", ["plain", "bias_temperature_softcap_scale"])
+def test_reused_tile_buffers_carry_nothing_from_one_call_to_the_next(case, keep, monkeypatch):
+    """The forward's and backward's scratch tiles are shared by all calls: two forwards before their two backwards
+    (as TRL's old-policy, policy and reference passes interleave) give each call's own numbers, the buffers are
+    reused rather than reallocated, and `release_scratch` frees them."""
+    tokens, vocab, hidden_size, with_bias, temperature, softcap, logit_scale, _ = CASES[case]
+    monkeypatch.setattr(head_module, "TILE_ELEMENTS", 7 * vocab)
+    if not keep:
+        monkeypatch.setattr(head_module, "KEEP_ELEMENTS", 0)
+    settings = (temperature, softcap, logit_scale)
+
+    def call(seed):
+        hidden, weight, bias, targets, grad_logprobs, grad_entropy = _inputs(
+            tokens, vocab, hidden_size, with_bias, seed)
+        leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+        logprobs, entropy = scored_logprobs(hidden, weight, bias, targets, *settings)
+        loss = (logprobs * grad_logprobs).sum() + (entropy * grad_entropy).sum()
+        return leaves, (logprobs.detach().clone(), entropy.detach().clone()), loss
+
+    def alone(seed):
+        leaves, outputs, loss = call(seed)
+        loss.backward()
+        return outputs, [leaf.grad for leaf in leaves]
+
+    head_module.release_scratch()
+    expected = {seed: alone(seed) for seed in (1, 2)}
+    buffers = {key: buffer.data_ptr() for key, buffer in head_module._scratch.buffers.items()}
+    assert 1 <= len(buffers) <= 2
+    first, second = call(1), call(2)  # both forwards, then both backwards in the other order
+    second[2].backward()
+    first[2].backward()
+    for seed, (leaves, outputs, _) in ((1, first), (2, second)):
+        for got, want in zip([*outputs, *(leaf.grad for leaf in leaves)], [*expected[seed][0], *expected[seed][1]]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert {key: buffer.data_ptr() for key, buffer in head_module._scratch.buffers.items()} == buffers
+    head_module.release_scratch()
+    assert head_module._scratch.buffers == {}
