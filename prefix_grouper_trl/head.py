@@ -158,7 +158,6 @@ class ScoredLogProbFunction(torch.autograd.Function):
             if compute_entropy:
                 p = shifted_exp.div_(row_sum)
                 entropy[start:end] = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
-            del shifted_exp
             if keep:
                 kept.append(log_p)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, *kept)
